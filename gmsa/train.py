@@ -1,0 +1,306 @@
+"""Training both GMSA stages: ``ae`` (reconstruct the context) and ``keft`` (answer questions).
+
+Resumable: ``out_dir/state.pt`` holds trained weights, optimizer, scheduler, step, data
+position and RNG; ``out_dir/model/`` is the latest exported checkpoint; ``out_dir/metrics.jsonl``
+gets one row per step and one per validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .api import GMSA, load_trained
+from .config import GMSAConfig
+from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
+from .metrics import bleu
+from .model import set_stage, trained_state_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; ``configs/*.toml`` override these defaults."""
+
+    stage: str = "ae"
+    data: str = "data/ae/train.jsonl"
+    val_data: str = "data/ae/val.jsonl"
+    out_dir: str = "runs/ae"
+    init: str = ""  # GMSA checkpoint to start from (KEFT starts from the AE one); "" = fresh
+    backbone: str = "default"
+    k_enc: int = 8
+    k_lsa: int = 1
+    lsa_init: str = "decoder"
+    lsa_match_embedding_scale: bool = True
+    lora_r: int = 32
+    lora_alpha: int = 32
+    decoder_tuning: str = "qkv"
+    rates: list[int] = field(default_factory=lambda: [4, 8])
+    min_tokens: int = 16
+    max_tokens: int = 256
+    curriculum: dict[str, int] = field(default_factory=dict)  # {"step": max_tokens}, e.g. {"0": 64, "500": 128}
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    lsa_lr: float = 0.0  # 0 = same as lr
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    max_steps: int = 2000
+    weight_decay: float = 0.0
+    clip: float = 2.0
+    dtype: str = "float32"  # "bfloat16" = autocast; only fast on CPUs with native bf16 matmul
+    grad_checkpointing: bool = False
+    eval_every: int = 100
+    eval_examples: int = 16
+    eval_max_tokens: int = 128
+    save_every_min: float = 10.0
+    max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    seed: int = 0
+    threads: int = 0
+
+    @classmethod
+    def from_sources(cls, files: list[str] = (), overrides: list[str] = ()) -> TrainConfig:
+        """Defaults, then TOML files in order, then ``key=value`` overrides (values parsed as TOML)."""
+        values: dict = {}
+        for path in files:
+            with open(path, "rb") as handle:
+                values |= tomllib.load(handle)
+        for item in overrides:
+            key, sep, raw = item.removeprefix("--").partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} must look like key=value")
+            values[key.replace("-", "_")] = _parse_value(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(values) - known:
+            raise ValueError(f"unknown training options: {sorted(unknown)}")
+        return cls(**values)
+
+    def model_config(self) -> GMSAConfig:
+        return GMSAConfig(
+            backbone=self.backbone,
+            k_enc=self.k_enc,
+            k_lsa=self.k_lsa,
+            lsa_init=self.lsa_init,
+            lsa_match_embedding_scale=self.lsa_match_embedding_scale,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            decoder_tuning=self.decoder_tuning if self.stage == "keft" else "none",
+            max_context_tokens=max(2048, self.max_tokens),
+        )
+
+    def max_tokens_at(self, step: int) -> int:
+        caps = sorted((int(k), v) for k, v in self.curriculum.items())
+        current = self.max_tokens
+        for start, cap in caps:
+            if step >= start:
+                current = cap
+        return current
+
+
+def _parse_value(raw: str):
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def cosine_lr(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr: linear warm-up, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: TrainConfig) -> GMSA:
+    """A fresh GMSA on the backbone, or one loaded from ``cfg.init`` (with KEFT's decoder tuning)."""
+    if not cfg.init:
+        return GMSA.from_backbone(cfg.backbone, cfg.model_config())
+    start = GMSA.from_pretrained(cfg.init)
+    if cfg.stage == "ae" or start.config.decoder_tuning == cfg.decoder_tuning:
+        return start
+    config = dataclasses.replace(start.config, decoder_tuning=cfg.decoder_tuning)
+    fresh = GMSA.from_backbone(config.backbone, config)
+    load_trained(fresh.model, {k: v for k, v in trained_state_dict(start.model).items()}, cfg.init)
+    return fresh
+
+
+def load_examples(cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int) -> list[Example]:
+    rows = read_jsonl(path)
+    if cfg.stage == "ae":
+        return autoencoder_examples(rows, gmsa.tokenizer, gmsa.config.ae_prompt, max_tokens, cfg.min_tokens)
+    return qa_examples(rows, gmsa.tokenizer, max_tokens)
+
+
+class Trainer:
+    """One training run; ``run()`` resumes from ``out_dir/state.pt`` when it exists."""
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.stage not in {"ae", "keft"}:
+            raise ValueError(f"stage must be ae or keft, got {cfg.stage!r}")
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.gmsa = build_model(cfg)
+        self.model = self.gmsa.model
+        if cfg.stage == "keft":
+            self.model.config.decoder_tuning = cfg.decoder_tuning
+        set_stage(self.model, cfg.stage)
+        if cfg.grad_checkpointing:
+            for stack in (self.model.encoder, self.model.decoder):
+                stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.examples = load_examples(cfg, cfg.data, self.gmsa, cfg.max_tokens)
+        self.val = load_examples(cfg, cfg.val_data, self.gmsa, cfg.eval_max_tokens)[: cfg.eval_examples]
+        self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        )
+        self.step = 0
+        self.elapsed = 0.0
+        self.tokens_seen = 0
+        self.cap = cfg.max_tokens_at(0)
+        self.stream = self._stream(self.cap)
+
+    def _param_groups(self) -> list[dict]:
+        lsa = [p for p in self.model.lsa.parameters() if p.requires_grad]
+        lsa_ids = {id(p) for p in lsa}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in lsa_ids]
+        groups = [{"params": rest, "lr": self.cfg.lr}]
+        if lsa:
+            groups.append({"params": lsa, "lr": self.cfg.lsa_lr or self.cfg.lr})
+        return [g for g in groups if g["params"]]
+
+    def _stream(self, cap: int) -> BatchStream:
+        usable = [e for e in self.examples if len(e.context) <= cap]
+        return BatchStream(
+            usable, self.cfg.batch_size, tuple(self.cfg.rates), self.gmsa.tokenizer.pad_token_id, self.cfg.seed
+        )
+
+    # ------------------------------------------------------------------ state
+    def save(self) -> None:
+        state = {
+            "trained": trained_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "tokens_seen": self.tokens_seen,
+            "cap": self.cap,
+            "position": self.stream.position,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "config": dataclasses.asdict(self.cfg),
+        }
+        tmp = self.out / "state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / "state.pt")
+        self.gmsa.save_pretrained(self.out / "model")
+
+    def resume(self) -> bool:
+        path = self.out / "state.pt"
+        if not path.is_file():
+            return False
+        state = torch.load(path, weights_only=False)
+        load_trained(self.model, state["trained"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
+        self.cap = state["cap"]
+        self.stream = self._stream(self.cap)
+        self.stream.seek(state["position"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        log.info("resumed %s at step %d", path, self.step)
+        return True
+
+    def log_row(self, row: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, batches: list[dict]) -> float:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+        total = 0.0
+        for batch in batches:
+            with autocast:
+                loss = self.model(**batch) / len(batches)
+            loss.backward()
+            total += loss.item()
+            self.tokens_seen += int(batch["context_mask"].sum() + batch["target_mask"].sum())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Validation loss and greedy reconstruction BLEU (AE) on the fixed validation examples."""
+        self.model.eval()
+        row: dict = {"step": self.step, "elapsed_s": round(self.elapsed, 1), "tokens_seen": self.tokens_seen}
+        for rate in self.cfg.rates:
+            stream = BatchStream(self.val, self.cfg.batch_size, (rate,), self.gmsa.tokenizer.pad_token_id)
+            batches = [next(iter(stream)) for _ in range(math.ceil(len(self.val) / self.cfg.batch_size))]
+            row[f"val_loss_x{rate}"] = sum(self.model(**b).item() for b in batches) / len(batches)
+            if self.cfg.stage == "ae":
+                texts = self.gmsa.tokenizer.batch_decode([e.context for e in self.val])
+                compressed = self.gmsa.compress(texts, rate=rate)
+                row[f"val_bleu_x{rate}"] = bleu(self.gmsa.reconstruct(compressed), texts)
+        self.model.train()
+        return row
+
+    def run(self) -> None:
+        self.resume()
+        self.model.train()
+        started, last_save = time.time(), time.time()
+        base_elapsed = self.elapsed
+        iterator = iter(self.stream)
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=f"train {self.cfg.stage}", dynamic_ncols=True)
+        while self.step < self.cfg.max_steps:
+            if (cap := self.cfg.max_tokens_at(self.step)) != self.cap:
+                self.cap, self.stream = cap, self._stream(cap)
+                iterator = iter(self.stream)
+            t0 = time.time()
+            loss = self.train_step([next(iterator) for _ in range(self.cfg.grad_accum)])
+            self.step += 1
+            self.elapsed = base_elapsed + time.time() - started
+            self.log_row(
+                {
+                    "step": self.step,
+                    "loss": round(loss, 4),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_seen": self.tokens_seen,
+                    "elapsed_s": round(self.elapsed, 1),
+                    "step_s": round(time.time() - t0, 2),
+                    "cap": self.cap,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", cap=self.cap)
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                row = self.validate()
+                self.log_row(row)
+                bar.write(json.dumps(row))
+            out_of_time = self.cfg.max_minutes and self.elapsed - base_elapsed > 60 * self.cfg.max_minutes
+            if time.time() - last_save > 60 * self.cfg.save_every_min or out_of_time:
+                self.save()
+                last_save = time.time()
+            if out_of_time:
+                break
+        self.save()
+        bar.close()
