@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -10,15 +11,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .backbone import fingerprint, load_backbone
+from .chunking import check_window, length_sorted_batches, plan_windows, soft_tokens_to_drop
 from .compressed import Compressed
 from .config import GMSAConfig
 from .data import pad
-from .model import GMSAModel, trained_state_dict
+from .decoding import greedy_generate
+from .merge import group_merge
+from .model import GMSAModel, Packed, trained_state_dict
 from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
@@ -74,6 +80,7 @@ class GMSA:
         self.tokenizer = tokenizer
         self.checkpoint_id = checkpoint_id
         self._prompt_cache: dict[str, list[int]] = {}
+        self._merged_encoder: tuple[tuple, nn.Module] | None = None
 
     @property
     def config(self) -> GMSAConfig:
@@ -143,34 +150,116 @@ class GMSA:
 
     # ----------------------------------------------------------------- compress
     def tokenize_contexts(self, texts: list[str]) -> list[list[int]]:
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        limit = self.config.max_context_tokens
+        """Token ids of each text; a text over ``config.max_total_tokens`` is a ValueError."""
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        cap = self.config.max_total_tokens
         for i, row in enumerate(ids):
-            if len(row) > limit:
+            if len(row) > cap:
                 raise ValueError(
-                    f"text {i} has {len(row)} tokens, more than the encoder window of {limit} "
-                    "(max_context_tokens); split it or raise the limit"
+                    f"text {i} has {len(row)} tokens, more than max_total_tokens={cap}, the hard cap on one "
+                    f"context (texts longer than the encoder window of {self.config.max_context_tokens} tokens "
+                    "are split into windows up to this cap); shorten the text or raise max_total_tokens"
                 )
         return ids
 
+    def _window_settings(self, window: int | None, overlap: int | None) -> tuple[int, int]:
+        window = self.config.window if window is None else window
+        overlap = self.config.window_overlap if overlap is None else overlap
+        check_window(window, overlap)
+        if window > self.config.max_context_tokens:
+            raise ValueError(
+                f"window ({window}) must not exceed the encoder window max_context_tokens "
+                f"({self.config.max_context_tokens})"
+            )
+        return window, overlap
+
     @torch.inference_mode()
-    def compress(self, texts: str | list[str], rate: int | None = None, batch_size: int = 8) -> Compressed:
-        """Compress each text into ``ceil(n_tokens / rate)`` soft tokens."""
+    def compress(
+        self,
+        texts: str | list[str],
+        rate: int | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        overlap: int | None = None,
+    ) -> Compressed:
+        """Compress each text into ``ceil(n_tokens / rate)`` soft tokens.
+
+        A text longer than ``window`` tokens (default ``config.window``) is split into windows
+        that re-read ``overlap`` tokens of the previous one (default ``config.window_overlap``, a
+        multiple of ``rate``); see :mod:`gmsa.chunking`. The windows of all texts are encoded
+        together in length-sorted batches of ``batch_size`` and each text's soft tokens are
+        concatenated in order: ``sum_w ceil(new_w / rate)`` of them, which is ``ceil(n / rate)``
+        when ``window - overlap`` is a multiple of the rate.
+        """
         texts = _as_text_list(texts, "texts")
         rate = _check_rate(self.config.default_rate if rate is None else rate)
+        window, overlap = self._window_settings(window, overlap)
         ids = self.tokenize_contexts(texts)
-        soft_tokens: list[torch.Tensor] = []
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            context_ids, context_mask = pad(chunk, self.tokenizer.pad_token_id)
-            soft, soft_mask = self.model.compress(context_ids.to(self.device), context_mask.to(self.device), rate)
-            soft_tokens += [soft[i][soft_mask[i].bool()].clone() for i in range(len(chunk))]
+        windows = plan_windows([len(row) for row in ids], window, overlap)
+        drops = [soft_tokens_to_drop(item, rate) for item in windows]
+        pieces = self._compress_windows([ids[w.text][w.start : w.stop] for w in windows], rate, batch_size)
+        per_text: list[list[torch.Tensor]] = [[] for _ in texts]
+        for item, drop, piece in zip(windows, drops, pieces):
+            per_text[item.text].append(piece[drop:])
         return Compressed(
-            soft_tokens,
+            [torch.cat(parts) for parts in per_text],
             [rate] * len(texts),
             [len(row) for row in ids],
             self.config.backbone_fingerprint,
             self.checkpoint_id,
+            extra={"backbone": self.config.backbone, "window": window, "overlap": overlap},
+        )
+
+    def _compress_windows(self, rows: list[list[int]], rate: int, batch_size: int) -> list[torch.Tensor]:
+        """Soft tokens ``(ceil(len / rate), H)`` of each id list, batched by similar length.
+
+        The returned tensors are views into the batch outputs; the caller copies (``torch.cat``).
+        """
+        pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for batch in length_sorted_batches([len(row) for row in rows], batch_size):
+            context_ids, context_mask = pad([rows[i] for i in batch], self.tokenizer.pad_token_id)
+            soft, soft_mask = self._soft_tokens(context_ids.to(self.device), context_mask.to(self.device), rate)
+            for j, (i, count) in enumerate(zip(batch, soft_mask.sum(dim=1).tolist())):
+                pieces[i] = soft[j, :count]
+        return pieces
+
+    def _soft_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rate: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``GMSAModel.compress`` (``(B, L)`` ids -> ``(B, N, H)`` soft tokens, ``(B, N)`` mask), with the
+        encoder's LoRA merged into its weights when the model is in eval mode."""
+        if getattr(self.model, "memory", None) is not None or self.model.encoder.training:
+            return self.model.compress(input_ids, attention_mask, rate)
+        encoder = self.inference_encoder()
+        states = encoder(inputs_embeds=self.model.embed(input_ids), attention_mask=attention_mask).last_hidden_state
+        merged, merged_mask = group_merge(states, attention_mask, rate)
+        return self.model.lsa(merged, merged_mask), merged_mask
+
+    def inference_encoder(self) -> nn.Module:
+        """A copy of the encoder with each LoRA merged into its linear layer (plain ``nn.Linear`` again).
+
+        Same outputs up to float rounding, without the low-rank matmuls and the scale-and-add per
+        projection (about a fifth of the compression time on CPU). Cached, and rebuilt whenever a
+        LoRA tensor changes (training steps, loading weights, moving devices).
+        """
+        lora = [p for name, p in self.model.encoder.named_parameters() if "lora_" in name]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in lora)
+        if self._merged_encoder is None or self._merged_encoder[0] != key:
+            self._merged_encoder = (key, merged_lora_copy(self.model.encoder))
+        return self._merged_encoder[1]
+
+    @torch.inference_mode()
+    def uncompressed(self, texts: str | list[str]) -> Compressed:
+        """The baseline: each text's own token embeddings as its "soft tokens" (rate 1, no encoder).
+
+        ``generate`` on it reads ``[context tokens; question]`` exactly like the original prompt.
+        """
+        texts = _as_text_list(texts, "texts")
+        ids = self.tokenize_contexts(texts)
+        embeddings = [self.model.embed(torch.tensor(row, device=self.device)) for row in ids]
+        lengths = [len(row) for row in ids]
+        return Compressed(
+            embeddings, [1] * len(texts), lengths, self.config.backbone_fingerprint, self.checkpoint_id
         )
 
     # ----------------------------------------------------------------- decode
@@ -179,28 +268,34 @@ class GMSA:
             self._prompt_cache[prompt] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return self._prompt_cache[prompt]
 
-    @torch.inference_mode()
-    def _decode(
-        self, compressed: Compressed, prompts: list[str], max_new_tokens: list[int], repetition_penalty: float
-    ) -> list[str]:
+    def _decoder_prompt(self, compressed: Compressed, prompts: list[str]) -> Packed:
+        """``[soft tokens; prompt tokens]`` per sample, left-padded: ``(B, T, H)`` embeds + ``(B, T)`` mask."""
         compressed.check_compatible(self.config.backbone_fingerprint, self.checkpoint_id)
         soft, soft_mask = compressed.padded(self.device)
         prompt_ids, prompt_mask = pad([self._prompt_ids(p) for p in prompts], self.tokenizer.pad_token_id)
         packed = self.model.decoder_inputs(
             soft, soft_mask, [(prompt_ids.to(self.device), prompt_mask.to(self.device))], left_pad=True
         )
-        output = self.model.decoder.generate(
-            inputs_embeds=packed.inputs_embeds.to(self.model.decoder.dtype),
-            attention_mask=packed.attention_mask,
-            max_new_tokens=max(max_new_tokens),
-            do_sample=False,
+        packed.inputs_embeds = packed.inputs_embeds.to(self.model.decoder.dtype)
+        return packed
+
+    @torch.inference_mode()
+    def _decode(
+        self, compressed: Compressed, prompts: list[str], max_new_tokens: list[int], repetition_penalty: float
+    ) -> list[str]:
+        packed = self._decoder_prompt(compressed, prompts)
+        output, _ = greedy_generate(
+            self.model.decoder,
+            packed.inputs_embeds,
+            packed.attention_mask,
+            max(max_new_tokens),
             repetition_penalty=repetition_penalty,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         return [
             self.tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
-            for row, limit in zip(output, max_new_tokens)
+            for row, limit in zip(output.tolist(), max_new_tokens)
         ]
 
     def generate(
@@ -243,6 +338,27 @@ class GMSA:
             limits = [int(n * slack) + 8 for n in part.n_tokens]
             texts += self._decode(part, [self.config.ae_prompt] * len(part), limits, 1.0)
         return texts
+
+
+def merged_lora_copy(stack: nn.Module) -> nn.Module:
+    """A frozen copy of ``stack`` whose LoRA layers are merged back into plain base layers.
+
+    Hooks registered on ``stack`` are not carried over to the copy.
+    """
+    without_hooks = {
+        id(value): type(value)()
+        for module in stack.modules()
+        for name, value in vars(module).items()
+        if "hooks" in name and isinstance(value, dict)
+    }
+    copied = copy.deepcopy(stack, without_hooks).requires_grad_(False)
+    lora_names = [name for name, module in copied.named_modules() if isinstance(module, LoraLayer)]
+    for name in lora_names:
+        module = copied.get_submodule(name)
+        module.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(copied.get_submodule(parent), child, module.get_base_layer())
+    return copied
 
 
 def _verified_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -36,12 +36,14 @@ def _compressed_input(args: argparse.Namespace, gmsa):
 
     if args.context:
         return Compressed.load(args.context)
-    return gmsa.compress([_read_text(f) for f in args.files or ["-"]], rate=args.rate)
+    return gmsa.compress(
+        [_read_text(f) for f in args.files or ["-"]], rate=args.rate, window=args.window, overlap=args.overlap
+    )
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     gmsa = _load(args)
-    compressed = gmsa.compress([_read_text(f) for f in args.files or ["-"]], rate=args.rate)
+    compressed = _compressed_input(args, gmsa)
     compressed.save(args.out)
     payload = {
         "out": args.out,
@@ -93,6 +95,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _window_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--window", type=int, default=None, help="tokens per encoder window for long texts")
+    parser.add_argument("--overlap", type=int, default=None, help="tokens a window re-reads (multiple of the rate)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmsa", description="Compress long LLM contexts into soft tokens (GMSA).")
     parser.add_argument("--version", action="version", version=f"gmsa {__version__}")
@@ -104,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", help="text files; '-' or none reads stdin")
     p.add_argument("--rate", type=int, default=None)
     p.add_argument("--out", required=True, help="output .safetensors file")
+    _window_args(p)
+    p.set_defaults(context=None)
     p.set_defaults(func=cmd_compress)
 
     for name, func, helptext in [
@@ -115,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("files", nargs="*", help="text files to compress first; '-' reads stdin")
         p.add_argument("--context", help="a compressed context written by `gmsa compress`")
         p.add_argument("--rate", type=int, default=None)
+        _window_args(p)
         if name == "answer":
             p.add_argument("-q", "--question", action="append", required=True, help="repeat for several")
             p.add_argument("--max-new-tokens", type=int, default=100)
@@ -136,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .corpora.cli import register as register_data
 
     register_data(sub)
+    from .bench import register as register_bench
+
+    register_bench(sub)
+    from .evaluation.cli import register as register_eval
+
+    register_eval(sub)
+    from .server import register as register_serve
+
+    register_serve(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +18,18 @@ from .version import __version__
 
 class IncompatibleContextError(ValueError):
     """Stored soft tokens were made by another backbone, checkpoint or gmsa version."""
+
+
+CHECKSUM_KEY = "soft_tokens_sha256"
+
+
+def soft_tokens_sha256(tensors: list[torch.Tensor]) -> str:
+    """A checksum of the shapes, dtypes and bytes of ``tensors``, in order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -77,9 +90,10 @@ class Compressed:
         return soft.to(device or first.device), mask.to(device or first.device)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write soft tokens + metadata to one safetensors file, atomically."""
+        """Write soft tokens + metadata (with a checksum of the tensors) to one safetensors file, atomically."""
         tensors = {f"soft.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.soft_tokens)}
         meta = {k: v for k, v in asdict(self).items() if k != "soft_tokens"}
+        meta[CHECKSUM_KEY] = soft_tokens_sha256(list(tensors.values()))
         path = Path(path)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         os.close(handle)
@@ -91,15 +105,33 @@ class Compressed:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Compressed:
-        """Read a file written by :meth:`save`; a clear error if it is not one."""
+        """Read a file written by :meth:`save`; a clear error if it is not one or is corrupt."""
         try:
             with safe_open(path, "pt") as handle:
                 meta = json.loads((handle.metadata() or {})["gmsa"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (OSError, SafetensorError, KeyError, ValueError) as err:
+            expected = meta.pop(CHECKSUM_KEY)
+            soft = [tensors.pop(f"soft.{i}") for i in range(len(meta["rates"]))]
+            compressed = cls(soft_tokens=soft, **meta)
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as err:
             raise IncompatibleContextError(f"{path} is not a gmsa compressed-context file ({err})") from err
-        soft = [tensors[f"soft.{i}"] for i in range(len(meta["rates"]))]
-        return cls(soft_tokens=soft, **meta)
+        if tensors or soft_tokens_sha256(soft) != expected:
+            raise IncompatibleContextError(
+                f"{path} is corrupt: its soft tokens do not match the checksum recorded when it was written"
+            )
+        compressed.check_structure(str(path))
+        return compressed
+
+    def check_structure(self, source: str = "compressed context") -> None:
+        """Raise unless there is one ``(n_i, H)`` tensor, rate and token count per text."""
+        sizes = {len(self.soft_tokens), len(self.rates), len(self.n_tokens)}
+        if len(sizes) != 1:
+            raise IncompatibleContextError(
+                f"{source}: {len(self.soft_tokens)} soft-token tensors, {len(self.rates)} rates and "
+                f"{len(self.n_tokens)} token counts do not match"
+            )
+        if any(t.dim() != 2 for t in self.soft_tokens) or len({t.shape[-1] for t in self.soft_tokens}) > 1:
+            raise IncompatibleContextError(f"{source}: soft tokens must be (n, H) tensors of one hidden size")
 
     def check_compatible(self, backbone_fingerprint: str, checkpoint_id: str) -> None:
         """Raise unless these soft tokens were made by the given backbone and checkpoint."""
@@ -107,6 +139,11 @@ class Compressed:
             raise IncompatibleContextError(
                 f"soft tokens were made for backbone {self.backbone_fingerprint}, "
                 f"this model's backbone is {backbone_fingerprint}"
+            )
+        if self.gmsa_version != __version__:
+            raise IncompatibleContextError(
+                f"soft tokens were written by gmsa {self.gmsa_version}, this is gmsa {__version__}: "
+                "compress the text again"
             )
         if self.checkpoint_id != checkpoint_id:
             raise IncompatibleContextError(

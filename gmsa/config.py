@@ -23,11 +23,18 @@ class GMSAConfig:
         k_enc: number of the backbone's first layers copied into the encoder.
         k_lsa: number of the decoder's first layers copied into the LSA blocks.
         lsa_init: ``"decoder"`` (the method), ``"random"`` or ``"linear"`` (ablations).
+        merge: ``"mean"`` (group merging, the method) or ``"memory"`` (ablation: ICAE-style
+            learned memory tokens appended to the encoder input; see ``gmsa.ablations``).
         lsa_match_embedding_scale: scale the LSA's final-norm weight at initialisation so soft
             tokens start at the RMS of the decoder's token embeddings (the decoder's final norm
             makes them ~16x larger on SmolLM2, which swamps the residual stream).
         lora_r, lora_alpha, lora_dropout: encoder LoRA (on every linear projection).
-        max_context_tokens: encoder window; longer contexts are refused (or chunked).
+        max_context_tokens: encoder window: the most tokens the encoder reads at once.
+        window_tokens: tokens per window when a longer context is split (``None``: the whole
+            encoder window). Windows are compressed one by one and their soft tokens concatenated.
+        window_overlap: tokens a window re-reads from the previous one (left context for the
+            encoder); their soft tokens are dropped, so it must be a multiple of the rate.
+        max_total_tokens: hard cap on one context's length; longer texts are refused.
         default_rate: compression rate used when none is given.
         ae_prompt: instruction that asks the decoder to restate the compressed text.
         decoder_tuning: what KEFT changed in the decoder: ``"none"``, ``"qkv"``,
@@ -39,11 +46,15 @@ class GMSAConfig:
     k_enc: int = 8
     k_lsa: int = 1
     lsa_init: str = "decoder"
+    merge: str = "mean"
     lsa_match_embedding_scale: bool = True
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     max_context_tokens: int = 2048
+    window_tokens: int | None = None
+    window_overlap: int = 0
+    max_total_tokens: int = 65536
     default_rate: int = 4
     ae_prompt: str = AE_PROMPT
     decoder_tuning: str = "none"
@@ -55,8 +66,29 @@ class GMSAConfig:
             raise ValueError(f"k_enc must be >= 1 and k_lsa >= 0, got {self.k_enc}, {self.k_lsa}")
         if self.lsa_init not in {"decoder", "random", "linear"}:
             raise ValueError(f"lsa_init must be decoder, random or linear, got {self.lsa_init!r}")
+        if self.merge not in {"mean", "memory"}:
+            raise ValueError(f"merge must be mean or memory, got {self.merge!r}")
         if self.decoder_tuning not in {"none", "qkv", "full", "lora"}:
             raise ValueError(f"decoder_tuning must be none, qkv, full or lora, got {self.decoder_tuning!r}")
+        self._check_windows()
+
+    @property
+    def window(self) -> int:
+        """Tokens per encoder window when a context is split."""
+        return self.max_context_tokens if self.window_tokens is None else self.window_tokens
+
+    def _check_windows(self) -> None:
+        if self.window_tokens is not None and not 1 <= self.window_tokens <= self.max_context_tokens:
+            raise ValueError(
+                f"window_tokens must be between 1 and max_context_tokens ({self.max_context_tokens}), "
+                f"got {self.window_tokens}"
+            )
+        if not 0 <= self.window_overlap < self.window:
+            raise ValueError(
+                f"window_overlap must be >= 0 and smaller than the window ({self.window}), got {self.window_overlap}"
+            )
+        if self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

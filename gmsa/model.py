@@ -22,6 +22,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import PreTrainedModel
 
+from .ablations import MemoryTokens
 from .config import GMSAConfig
 from .merge import group_merge
 
@@ -142,8 +143,8 @@ class GMSAModel(nn.Module):
         encoder = truncated_copy(decoder, config.k_enc).requires_grad_(False)
         self.encoder = add_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout)
         self.lsa = LayerSemanticAlignment(decoder, config)
-        if config.decoder_tuning == "lora":
-            add_lora(base_model(decoder), config.decoder_lora_r, config.decoder_lora_r, 0.0)
+        self.memory = MemoryTokens(decoder, config.max_context_tokens) if config.merge == "memory" else None
+        enable_decoder_tuning(self, config.decoder_tuning)
 
     @property
     def hidden_size(self) -> int:
@@ -156,6 +157,9 @@ class GMSAModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rates: torch.Tensor | int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Context ids ``(B, L)`` (right-padded) -> soft tokens ``(B, N, H)`` and mask ``(B, N)``."""
+        if self.memory is not None:
+            merged, merged_mask = self.memory(self.encoder, self.embed(input_ids), attention_mask, rates)
+            return self.lsa(merged, merged_mask), merged_mask
         states = self.encoder(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask).last_hidden_state
         merged, merged_mask = group_merge(states, attention_mask, rates)
         return self.lsa(merged, merged_mask), merged_mask
@@ -233,10 +237,21 @@ def decoder_tuned_names(model: GMSAModel) -> list[str]:
     return []
 
 
+def enable_decoder_tuning(model: GMSAModel, mode: str) -> None:
+    """Record what KEFT tunes in the decoder; a decoder LoRA is injected here, once."""
+    if model.config.decoder_tuning not in {"none", mode} and mode != "none":
+        raise ValueError(f"the decoder is already tuned as {model.config.decoder_tuning!r}, cannot switch to {mode!r}")
+    already = any("lora_" in name for name, _ in model.decoder.named_parameters())
+    if mode == "lora" and not already:
+        add_lora(base_model(model.decoder), model.config.decoder_lora_r, model.config.decoder_lora_r, 0.0)
+    model.config.decoder_tuning = mode
+
+
 def set_stage(model: GMSAModel, stage: str) -> list[str]:
     """Make exactly the stage's parameters trainable; return their names.
 
-    ``ae``: encoder LoRA + LSA. ``keft``: the decoder part chosen by ``decoder_tuning``.
+    ``ae``: encoder LoRA + LSA (+ the memory tokens of the ``merge="memory"`` ablation).
+    ``keft``: the decoder part chosen by ``decoder_tuning``.
     """
     if stage not in {"ae", "keft"}:
         raise ValueError(f"stage must be 'ae' or 'keft', got {stage!r}")
@@ -246,6 +261,8 @@ def set_stage(model: GMSAModel, stage: str) -> list[str]:
             param.requires_grad_("lora_" in name)
         for name, param in model.lsa.named_parameters():
             param.requires_grad_("embed_tokens" not in name)
+        if model.memory is not None:
+            model.memory.requires_grad_(True)
     else:
         if model.config.decoder_tuning == "none":
             raise ValueError("KEFT needs decoder_tuning = qkv, full or lora")
@@ -259,6 +276,8 @@ def trained_state_dict(model: GMSAModel) -> dict[str, torch.Tensor]:
     """Everything that differs from the backbone: encoder LoRA, LSA, tuned decoder parts."""
     state = {f"encoder.{n}": p for n, p in model.encoder.named_parameters() if "lora_" in n}
     state |= {f"lsa.{n}": p for n, p in model.lsa.named_parameters() if "embed_tokens" not in n}
+    if model.memory is not None:
+        state |= {f"memory.{n}": p for n, p in model.memory.named_parameters()}
     decoder_params = dict(model.decoder.named_parameters())
     state |= {f"decoder.{n}": decoder_params[n] for n in decoder_tuned_names(model)}
     return {name: tensor.detach() for name, tensor in state.items()}

@@ -25,7 +25,7 @@ from .api import GMSA, load_trained
 from .config import GMSAConfig
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
 from .metrics import bleu
-from .model import set_stage, trained_state_dict
+from .model import enable_decoder_tuning, set_stage, trained_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class TrainConfig:
     k_enc: int = 8
     k_lsa: int = 1
     lsa_init: str = "decoder"
+    merge: str = "mean"  # "memory" = ablation: learned memory tokens instead of group merging
     lsa_match_embedding_scale: bool = True
     lora_r: int = 32
     lora_alpha: int = 32
@@ -67,6 +68,7 @@ class TrainConfig:
     eval_max_tokens: int = 128
     save_every_min: float = 10.0
     max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    stop_at_step: int = 0  # stop (and save) at this step, keeping the schedule of max_steps; 0 = no
     seed: int = 0
     threads: int = 0
 
@@ -93,6 +95,7 @@ class TrainConfig:
             k_enc=self.k_enc,
             k_lsa=self.k_lsa,
             lsa_init=self.lsa_init,
+            merge=self.merge,
             lsa_match_embedding_scale=self.lsa_match_embedding_scale,
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
@@ -129,12 +132,9 @@ def build_model(cfg: TrainConfig) -> GMSA:
     if not cfg.init:
         return GMSA.from_backbone(cfg.backbone, cfg.model_config())
     start = GMSA.from_pretrained(cfg.init)
-    if cfg.stage == "ae" or start.config.decoder_tuning == cfg.decoder_tuning:
-        return start
-    config = dataclasses.replace(start.config, decoder_tuning=cfg.decoder_tuning)
-    fresh = GMSA.from_backbone(config.backbone, config)
-    load_trained(fresh.model, {k: v for k, v in trained_state_dict(start.model).items()}, cfg.init)
-    return fresh
+    if cfg.stage == "keft":
+        enable_decoder_tuning(start.model, cfg.decoder_tuning)
+    return start
 
 
 def load_examples(cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int) -> list[Example]:
@@ -158,8 +158,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.gmsa = build_model(cfg)
         self.model = self.gmsa.model
-        if cfg.stage == "keft":
-            self.model.config.decoder_tuning = cfg.decoder_tuning
         set_stage(self.model, cfg.stage)
         if cfg.grad_checkpointing:
             for stack in (self.model.encoder, self.model.decoder):
@@ -297,10 +295,11 @@ class Trainer:
                 self.log_row(row)
                 bar.write(json.dumps(row))
             out_of_time = self.cfg.max_minutes and self.elapsed - base_elapsed > 60 * self.cfg.max_minutes
-            if time.time() - last_save > 60 * self.cfg.save_every_min or out_of_time:
+            stopping = out_of_time or self.step == self.cfg.stop_at_step
+            if time.time() - last_save > 60 * self.cfg.save_every_min or stopping:
                 self.save()
                 last_save = time.time()
-            if out_of_time:
+            if stopping:
                 break
         self.save()
         bar.close()

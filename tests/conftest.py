@@ -48,6 +48,9 @@ def tiny_backbone_dir(root: Path, family: str = "llama", layers: int = 4, seed: 
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        # the default 0.02 makes a frozen random decoder nearly constant (uniform logits
+        # whatever the soft tokens say); 0.2 leaves it something to learn to steer
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -48,7 +48,7 @@ def test_lsa_output_starts_at_embedding_scale(backbone_dir, make_gmsa):
     embedding_rms = gmsa.model.decoder.get_input_embeddings().weight.pow(2).mean(-1).sqrt().mean().item()
     assert embedding_rms / 1.5 < soft_rms(gmsa) < embedding_rms * 1.5
     unscaled = make_gmsa(backbone_dir, lsa_match_embedding_scale=False)
-    assert soft_rms(unscaled) > 10 * embedding_rms
+    assert soft_rms(unscaled) > 3 * embedding_rms
 
 
 def test_stage_trainables(backbone_dir, make_gmsa):

@@ -1,0 +1,5 @@
+"""Evaluation harness: ``gmsa eval reconstruct|qa`` with baselines, caching and reports.
+
+Modules: ``baselines`` (the compared methods), ``common`` (examples, models, cache),
+``reconstruct`` and ``qa`` (the two tasks), ``report`` (markdown, JSON, plots), ``cli``.
+"""

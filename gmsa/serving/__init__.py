@@ -1,0 +1,1 @@
+"""Parts of the HTTP server (``gmsa serve``): schemas, request guards, micro-batching worker, metrics."""

@@ -1,0 +1,210 @@
+"""What the routes do: limits, the store and the model worker, without HTTP plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import HTTPException
+from starlette.concurrency import run_in_threadpool
+
+from ..api import GMSA
+from ..compressed import Compressed
+from ..store import ContextRecord, ContextStore, StoreError, content_sha256, context_id
+from .batcher import (
+    AnswerTask,
+    CompressTask,
+    ModelWorker,
+    QueueFullError,
+    ReconstructTask,
+    RequestTooLargeError,
+    Task,
+    TaskResult,
+    concat,
+)
+from .schemas import AnswerRequest, CompressRequest, ContextSummary, Timings
+from .settings import ServeSettings
+
+
+def _too_large(message: str) -> HTTPException:
+    return HTTPException(413, message)
+
+
+class Deadline:
+    """The time left of one request's budget."""
+
+    def __init__(self, seconds: float):
+        self.started = time.perf_counter()
+        self.seconds = seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.started)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+class GMSAService:
+    """Compress, store, answer and reconstruct, within the server's limits."""
+
+    def __init__(self, gmsa: GMSA, store: ContextStore, settings: ServeSettings):
+        self.gmsa = gmsa
+        self.store = store
+        self.settings = settings
+        self.worker = ModelWorker(
+            gmsa, settings.max_queue, settings.max_batch_items, settings.batch_wait_ms / 1000, settings.model_batch_size
+        )
+
+    # ----------------------------------------------------------------- limits
+    def check_texts(self, texts: list[str], what: str) -> None:
+        if len(texts) > self.settings.max_batch:
+            raise _too_large(f"{len(texts)} {what}, more than this server's limit of {self.settings.max_batch}")
+        for i, text in enumerate(texts):
+            if len(text) > self.settings.max_text_chars:
+                raise _too_large(
+                    f"{what}[{i}] has {len(text)} characters, more than this server's limit "
+                    f"of {self.settings.max_text_chars}"
+                )
+
+    def check_metadata(self, metadata: dict | None) -> None:
+        size = len(json.dumps(metadata or {}, ensure_ascii=False).encode("utf-8", "replace"))
+        if size > self.settings.max_metadata_bytes:
+            limit = self.settings.max_metadata_bytes
+            raise _too_large(f"metadata is {size} bytes of JSON, more than this server's limit of {limit}")
+
+    # ----------------------------------------------------------------- model calls
+    async def run(self, task: Task, deadline: Deadline) -> TaskResult:
+        """Run a task on the model worker; 429 if its queue is full, 504 past the deadline."""
+        try:
+            future = self.worker.submit(task)
+        except QueueFullError as err:
+            raise HTTPException(429, f"{err}: retry later", {"Retry-After": "1"}) from err
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline.left()))
+        except TimeoutError as err:
+            raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model") from err
+        except RequestTooLargeError as err:
+            raise _too_large(str(err)) from err
+        except (ValueError, TypeError) as err:
+            raise HTTPException(422, str(err)) from err
+
+    # ----------------------------------------------------------------- routes
+    async def compress(self, body: CompressRequest) -> tuple[list[ContextSummary], Timings]:
+        deadline = Deadline(self.settings.request_timeout_s)
+        texts = body.items()
+        self.check_texts(texts, "texts")
+        self.check_metadata(body.metadata)
+        rate = body.rate or self.gmsa.config.default_rate
+        shas = [content_sha256(text) for text in texts]
+        ids = [context_id(sha, rate, self.gmsa.config.backbone_fingerprint, self.gmsa.checkpoint_id) for sha in shas]
+        records = await run_in_threadpool(lambda: {i: self.store.get(i) for i in set(ids)})
+        todo = {i: (sha, text) for i, sha, text in zip(ids, shas, texts) if records[i] is None}
+        result = None
+        created: set[str] = set()
+        if todo:
+            task = CompressTask([text for _, text in todo.values()], rate, self.settings.max_text_tokens)
+            result = await self.run(task, deadline)
+            for (new_id, (sha, _)), compressed in zip(todo.items(), result.value):
+                records[new_id], was_new = await run_in_threadpool(
+                    self.store.put, sha, compressed, self.gmsa.config.backbone, body.metadata
+                )
+                created.update([new_id] if was_new else [])
+        summaries = []
+        for i in ids:
+            record = records[i]
+            summaries.append(_summary(record, i in created))
+            created.discard(i)  # a text given twice is created once
+        return summaries, _timings(deadline, result, compress=True)
+
+    async def stored(self, ids: list[str]) -> dict[str, Compressed]:
+        """Soft tokens of stored contexts; 404 for an unknown id, 409 for another model's."""
+        found = {}
+        for i in dict.fromkeys(ids):
+            record = await run_in_threadpool(self.store.get, i)
+            if record is None:
+                raise HTTPException(404, f"no context with id {i!r}")
+            self.check_same_model(record)
+            try:
+                found[i] = await run_in_threadpool(self.store.load, i)
+            except KeyError as err:  # deleted meanwhile
+                raise HTTPException(404, f"no context with id {i!r}") from err
+            except StoreError as err:
+                raise HTTPException(500, f"stored context {i} is damaged: {err}") from err
+        return found
+
+    def check_same_model(self, record: ContextRecord) -> None:
+        config = self.gmsa.config
+        ours = (config.backbone_fingerprint, self.gmsa.checkpoint_id)
+        if (record.backbone_fingerprint, record.checkpoint_id) != ours:
+            raise HTTPException(
+                409,
+                f"context {record.id} was made by checkpoint {record.checkpoint_id} on backbone "
+                f"{record.backbone_fingerprint}; this server runs {self.gmsa.checkpoint_id} on "
+                f"{config.backbone_fingerprint}: compress the text again",
+            )
+
+    async def answer(self, body: AnswerRequest) -> tuple[list[str], list[str | None], Timings]:
+        deadline = Deadline(self.settings.request_timeout_s)
+        questions = body.question_list()
+        self.check_texts(questions, "questions")
+        limit = self.settings.max_new_tokens
+        if body.max_new_tokens > limit and "max_new_tokens" in body.model_fields_set:
+            raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} is over this server's limit of {limit}")
+        max_new_tokens = min(body.max_new_tokens, limit)
+        compressed_result = None
+        if body.text is not None:
+            self.check_texts([body.text], "text")
+            rate = body.rate or self.gmsa.config.default_rate
+            compressed_result = await self.run(CompressTask([body.text], rate, self.settings.max_text_tokens), deadline)
+            contexts, ids = [compressed_result.value[0]], [None]
+        else:
+            ids = body.context_ids or [body.context_id]
+            stored = await self.stored(ids)
+            contexts = [stored[i] for i in ids]
+        if len(contexts) == 1:
+            contexts, ids = contexts * len(questions), ids * len(questions)
+        task = AnswerTask(concat(contexts), questions, max_new_tokens, body.repetition_penalty)
+        result = await self.run(task, deadline)
+        timings = _timings(deadline, result)
+        if compressed_result is not None:
+            timings.compress_ms = round(compressed_result.run_s * 1000, 2)
+            timings.queue_ms = round((compressed_result.queue_s + result.queue_s) * 1000, 2)
+            timings.batch_items = max(timings.batch_items, compressed_result.batch_items)
+        return result.value, ids, timings
+
+    async def reconstruct(self, context_id_: str) -> tuple[str, Timings]:
+        deadline = Deadline(self.settings.request_timeout_s)
+        record = await run_in_threadpool(self.store.get, context_id_)
+        if record is None:
+            raise HTTPException(404, f"no context with id {context_id_!r}")
+        if record.n_tokens > self.settings.max_reconstruct_tokens:
+            raise _too_large(
+                f"context has {record.n_tokens} tokens; this server reconstructs at most "
+                f"{self.settings.max_reconstruct_tokens}"
+            )
+        compressed = (await self.stored([context_id_]))[context_id_]
+        result = await self.run(ReconstructTask(compressed), deadline)
+        return result.value[0], _timings(deadline, result)
+
+
+def _summary(record: ContextRecord, created: bool) -> ContextSummary:
+    return ContextSummary(
+        id=record.id,
+        rate=record.rate,
+        n_tokens=record.n_tokens,
+        n_soft_tokens=record.n_soft_tokens,
+        compression_ratio=round(record.compression_ratio, 4),
+        created=created,
+    )
+
+
+def _timings(deadline: Deadline, result: TaskResult | None, compress: bool = False) -> Timings:
+    run_ms = round(result.run_s * 1000, 2) if result else 0.0
+    return Timings(
+        queue_ms=round(result.queue_s * 1000, 2) if result else 0.0,
+        compress_ms=run_ms if compress else 0.0,
+        generate_ms=0.0 if compress else run_ms,
+        total_ms=round(deadline.elapsed_ms(), 2),
+        batch_items=result.batch_items if result else 0,
+    )

@@ -1,0 +1,33 @@
+"""Limits and knobs of ``gmsa serve`` (each field is also a command-line option)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _option(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class ServeSettings:
+    """Server limits; every violation is answered with a JSON 4xx."""
+
+    api_key: str | None = _option(None, "bearer token required on every route but /healthz")
+    max_text_chars: int = _option(100_000, "characters per text or question (413 above)")
+    max_text_tokens: int = _option(8192, "tokens per text (413 above; long texts are compressed window by window)")
+    max_batch: int = _option(32, "texts or questions per request (413 above)")
+    max_new_tokens: int = _option(256, "largest max_new_tokens a request may ask for (422 above)")
+    max_reconstruct_tokens: int = _option(512, "largest context (in tokens) that may be reconstructed (413 above)")
+    max_metadata_bytes: int = _option(4096, "bytes of JSON metadata per request (413 above)")
+    max_body_bytes: int = _option(8 * 1024 * 1024, "bytes per request body (413 above)")
+    request_timeout_s: float = _option(60.0, "seconds a request may wait for the model (504 after)")
+    max_queue: int = _option(64, "requests waiting for the model (429 above)")
+    max_batch_items: int = _option(32, "texts/questions merged into one micro-batch")
+    batch_wait_ms: float = _option(5.0, "how long the worker waits for more requests to batch")
+    model_batch_size: int = _option(8, "rows per forward pass inside a micro-batch (bounds memory)")
+
+
+def setting_fields():
+    """The fields of :class:`ServeSettings` that are plain command-line options (all but the API key)."""
+    return [f for f in fields(ServeSettings) if f.name != "api_key"]

@@ -1,0 +1,57 @@
+"""Plot a run's training loss and validation BLEU against step (for the model card).
+
+    python -m gmsa.train_curves runs/ae/metrics.jsonl reports/train/ae_curves.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .data import read_jsonl  # noqa: E402
+
+
+def latest_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Training and validation rows, keeping the last row of a step logged twice (after a resume)."""
+    train = {r["step"]: r for r in rows if "loss" in r}
+    val = {r["step"]: r for r in rows if any(k.startswith("val_") for k in r)}
+    return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
+
+
+def smooth(values: list[float], window: int = 20) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def plot(metrics: str | Path, out: str | Path) -> None:
+    train, val = latest_rows(read_jsonl(metrics))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    left.plot(steps, [r["loss"] for r in train], alpha=0.3, label="loss")
+    left.plot(steps, smooth([r["loss"] for r in train]), label="loss (20-step mean)")
+    for key in sorted({k for r in val for k in r if k.startswith("val_loss")}):
+        left.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+    left.set_xlabel("step")
+    left.set_ylabel("cross entropy")
+    left.legend()
+    for key in sorted({k for r in val for k in r if k.startswith("val_bleu")}):
+        right.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+    right.set_xlabel("step")
+    right.set_ylabel("validation reconstruction BLEU")
+    right.legend()
+    fig.suptitle(f"{metrics}")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    plot(sys.argv[1], sys.argv[2])

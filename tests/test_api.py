@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+from gmsa import GMSA, BackboneNotFoundError, CheckpointError, Compressed, IncompatibleContextError
+from gmsa.api import MANIFEST_NAME, WEIGHTS_NAME
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city."]
+
+
+def test_compress_shapes_and_metadata(tiny_gmsa):
+    compressed = tiny_gmsa.compress(TEXTS, rate=4)
+    assert len(compressed) == 2
+    assert compressed.n_tokens == [10, 11]
+    assert compressed.n_soft_tokens == [3, 3]  # ceil(10 / 4), ceil(11 / 4)
+    assert compressed.soft_tokens[0].shape == (3, tiny_gmsa.model.hidden_size)
+    assert compressed.rates == [4, 4]
+    assert compressed.backbone_fingerprint == tiny_gmsa.config.backbone_fingerprint
+
+
+def test_generate_and_reconstruct_return_text(tiny_gmsa):
+    compressed = tiny_gmsa.compress(TEXTS, rate=2)
+    answers = tiny_gmsa.generate(compressed, ["What is the capital?", "Who jumps?"], max_new_tokens=5)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert len(tiny_gmsa.reconstruct(compressed)) == 2
+
+
+def test_batched_generation_equals_one_by_one(tiny_gmsa):
+    compressed = tiny_gmsa.compress(TEXTS, rate=2)
+    questions = ["What is the capital of France?", "Who jumps?"]
+    batched = tiny_gmsa.generate(compressed, questions, max_new_tokens=6)
+    single = [tiny_gmsa.generate(compressed[i], questions[i], max_new_tokens=6)[0] for i in range(2)]
+    assert batched == single
+
+
+def test_one_context_many_questions(tiny_gmsa):
+    compressed = tiny_gmsa.compress(TEXTS[0], rate=4)
+    assert len(tiny_gmsa.generate(compressed, ["Who jumps?", "Over what?", "Which fox?"], max_new_tokens=3)) == 3
+
+
+def test_save_load_gives_identical_outputs(tiny_gmsa, tmp_path):
+    with torch.no_grad():
+        for param in tiny_gmsa.model.lsa.parameters():  # make the trained parts non-trivial
+            param.add_(0.01 * torch.randn_like(param))
+    tiny_gmsa.save_pretrained(tmp_path / "ckpt", dtype=None)
+    loaded = GMSA.from_pretrained(tmp_path / "ckpt")
+    a = tiny_gmsa.compress(TEXTS, rate=4)
+    b = loaded.compress(TEXTS, rate=4)
+    for x, y in zip(a.soft_tokens, b.soft_tokens):
+        assert torch.equal(x, y)
+    assert tiny_gmsa.generate(a, ["Who?"] * 2, max_new_tokens=4) == loaded.generate(b, ["Who?"] * 2, max_new_tokens=4)
+
+
+def test_save_pretrained_keeps_only_trained_parts(tiny_gmsa, tmp_path):
+    tiny_gmsa.save_pretrained(tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "ckpt" / WEIGHTS_NAME).keys()
+    assert names and all(n.startswith(("encoder.", "lsa.")) for n in names)
+    assert all("lora_" in n for n in names if n.startswith("encoder."))
+
+
+@pytest.mark.parametrize("rate", [0, -2])
+def test_rate_below_one_is_an_error(tiny_gmsa, rate):
+    with pytest.raises(ValueError, match="rate must be an integer >= 1"):
+        tiny_gmsa.compress(TEXTS, rate=rate)
+
+
+@pytest.mark.parametrize("rate", [2.5, "4", True])
+def test_non_integer_rate_is_an_error(tiny_gmsa, rate):
+    with pytest.raises(TypeError, match="rate must be an integer"):
+        tiny_gmsa.compress(TEXTS, rate=rate)
+
+
+@pytest.mark.parametrize("texts,error", [("", ValueError), ("   \n", ValueError), ([], TypeError), (42, TypeError), ([1], TypeError)])
+def test_bad_texts_are_errors(tiny_gmsa, texts, error):
+    with pytest.raises(error):
+        tiny_gmsa.compress(texts)
+
+
+def test_question_count_must_match(tiny_gmsa):
+    with pytest.raises(ValueError, match="3 questions for 2"):
+        tiny_gmsa.generate(tiny_gmsa.compress(TEXTS), ["a?", "b?", "c?"])
+
+
+def test_unknown_backbone_is_a_clear_error(tmp_path):
+    with pytest.raises(BackboneNotFoundError, match="unknown backbone"):
+        GMSA.from_backbone(tmp_path / "nope")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no GMSA checkpoint"):
+        GMSA.from_pretrained(tmp_path)
+
+
+def test_corrupt_checkpoint_is_detected(tiny_gmsa, tmp_path):
+    tiny_gmsa.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        GMSA.from_pretrained(tmp_path / "ckpt")
+
+
+def test_checkpoint_of_another_backbone_is_refused(tiny_gmsa, tmp_path, qwen_dir):
+    tiny_gmsa.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        GMSA.from_pretrained(tmp_path / "ckpt", backbone=qwen_dir)
+
+
+def test_save_is_atomic_and_replaces(tiny_gmsa, tmp_path):
+    target = tmp_path / "ckpt"
+    tiny_gmsa.save_pretrained(target)
+    tiny_gmsa.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert json.loads((target / MANIFEST_NAME).read_text())["sha256"][WEIGHTS_NAME]
+
+
+def test_soft_tokens_of_another_checkpoint_are_refused(tiny_gmsa, tmp_path):
+    compressed = tiny_gmsa.compress(TEXTS)
+    compressed.save(tmp_path / "ctx.safetensors")
+    tiny_gmsa.save_pretrained(tmp_path / "ckpt")
+    other = GMSA.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(IncompatibleContextError, match="compress the text again"):
+        other.generate(Compressed.load(tmp_path / "ctx.safetensors"), ["a?", "b?"])
+
+
+def test_over_long_context_names_the_limit(tiny_gmsa):
+    with pytest.raises(ValueError, match="64"):
+        tiny_gmsa.compress(" ".join(["fox"] * 100))
+
+
+def test_uncompressed_baseline_is_rate_one(tiny_gmsa):
+    baseline = tiny_gmsa.uncompressed(TEXTS)
+    assert baseline.n_soft_tokens == baseline.n_tokens == [10, 11]
+    assert len(tiny_gmsa.generate(baseline, ["a?", "b?"], max_new_tokens=2)) == 2

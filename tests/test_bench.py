@@ -1,0 +1,134 @@
+"""Smoke test of ``gmsa bench`` on a tiny model: the structure of its output, never its timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gmsa import bench
+from gmsa.bench import BenchSettings, run_bench
+from gmsa.cli import main
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France and its largest city.",
+    "Group merging averages the hidden states of consecutive tokens.",
+]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The bench sets torch's thread count; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def checkpoint(tiny_gmsa, tmp_path):
+    tiny_gmsa.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def passages(tmp_path):
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in CORPUS))
+    return path
+
+
+def settings(checkpoint, passages, tmp_path, **overrides) -> BenchSettings:
+    values = dict(
+        model=str(checkpoint),
+        lengths=[20, 150],
+        rates=[4, 8],
+        new_tokens=3,
+        repeats=2,
+        text=str(passages),
+        out=str(tmp_path / "out" / "bench.json"),
+        threads=1,
+    )
+    return BenchSettings(**(values | overrides))
+
+
+def test_rows_cover_every_length_and_arm(checkpoint, passages, tmp_path):
+    results = run_bench(settings(checkpoint, passages, tmp_path), log=lambda line: None)
+    rows = results["rows"]
+    arms = ["uncompressed", "gmsa-fresh-r4", "gmsa-stored-r4", "gmsa-fresh-r8", "gmsa-stored-r8"]
+    assert [(r["length"], r["arm"]) for r in rows] == [(n, arm) for n in (20, 150) for arm in arms]
+    assert all(r["status"] == "ok" for r in rows)
+    for row in rows:
+        assert row["kv_cache_bytes"] > 0
+        for clock in ("wall", "cpu"):
+            e2e = row[clock]["e2e_s"]
+            assert len(e2e["runs"]) == 2 and e2e["min"] <= e2e["median"] <= e2e["max"]
+            assert {"prefill", "decode", "prompt_build"} <= set(row[clock]["phases_s"])
+            assert row[clock]["decode_tokens_per_s"] > 0
+    fresh = next(r for r in rows if r["length"] == 150 and r["arm"] == "gmsa-fresh-r4")
+    assert {"encoder", "merge_lsa", "compress_other"} <= set(fresh["wall"]["phases_s"])
+    assert fresh["wall"]["compress_tokens_per_s"] > 0
+    assert set(fresh["cpu"]["speedup_e2e"]) == {"ratio_of_medians", "paired_median", "paired_min", "paired_max"}
+    assert "speedup_prefill" in fresh["wall"] and "speedup_e2e" not in rows[0]["wall"]
+    stored = next(r for r in rows if r["length"] == 150 and r["arm"] == "gmsa-stored-r4")
+    assert "load" in stored["wall"]["phases_s"] and "encoder" not in stored["wall"]["phases_s"]
+
+
+def test_compressed_prompts_are_shorter_and_hold_less_kv_cache(checkpoint, passages, tmp_path):
+    rows = run_bench(settings(checkpoint, passages, tmp_path, repeats=1), log=lambda line: None)["rows"]
+    at_150 = {r["arm"]: r for r in rows if r["length"] == 150}
+    question = at_150["uncompressed"]["prompt_tokens"] - 150
+    assert at_150["gmsa-fresh-r4"]["prompt_tokens"] == 38 + question
+    assert at_150["gmsa-stored-r8"]["prompt_tokens"] == 19 + question
+    expected = (38 + question) / (150 + question)
+    assert at_150["gmsa-fresh-r4"]["kv_cache_ratio"] == pytest.approx(expected)
+
+
+def test_writes_json_and_plot(checkpoint, passages, tmp_path):
+    results = run_bench(settings(checkpoint, passages, tmp_path, repeats=1), log=lambda line: None)
+    out = tmp_path / "out" / "bench.json"
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    assert out.with_suffix(".png").stat().st_size > 0
+    env = results["environment"]
+    assert env["backbone"]["random_weights"] is False and env["new_tokens"] == 3
+    assert env["text_source"] == str(passages)
+
+
+def test_prompt_beyond_the_trained_window_is_skipped_with_a_reason(checkpoint, passages, tmp_path):
+    rows = run_bench(settings(checkpoint, passages, tmp_path, lengths=[600], repeats=1), log=lambda line: None)["rows"]
+    base = rows[0]
+    assert base["status"] == "skipped" and "max_position_embeddings=512" in base["reason"]
+    assert all(r["status"] == "ok" and "speedup_e2e" not in r["wall"] for r in rows[1:])
+    assert not any(r["beyond_trained_window"] for r in rows[1:])
+
+
+def test_configuration_that_does_not_fit_memory_is_skipped(checkpoint, passages, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "available_bytes", lambda device: 1)
+    rows = run_bench(settings(checkpoint, passages, tmp_path, repeats=1), log=lambda line: None)["rows"]
+    assert all(r["status"] == "skipped" and "does not fit in memory" in r["reason"] for r in rows)
+
+
+def test_cli_runs_and_rejects_bad_settings(checkpoint, passages, tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    common = ["bench", "--model", str(checkpoint), "--text", str(passages), "--out", str(out), "--no-plot"]
+    common += ["--threads", "1"]
+    assert main(common + ["--lengths", "16", "--rates", "4", "--new-tokens", "2", "--repeats", "1"]) == 0
+    assert "uncompressed" in capsys.readouterr().out and out.is_file()
+    assert main(common + ["--rates", "0"]) == 2
+    assert "--rates must be integers >= 1" in capsys.readouterr().err
+    assert main(common + ["--device", "cuda:7"] if not _has_cuda() else common + ["--repeats", "0"]) == 2
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def test_fixes_mode_times_old_and_new_code(checkpoint, passages, tmp_path):
+    options = settings(checkpoint, passages, tmp_path, lengths=[40], fixes=True, out=str(tmp_path / "fixes.json"))
+    results = run_bench(options, log=lambda line: None)
+    names = {"generate_transformers", "generate_reserved_cache", "encode_lora", "encode_merged_lora"}
+    assert set(results["seconds"]["wall"]) == set(results["seconds"]["cpu"]) == names
+    assert all(len(value["runs"]) == 2 for value in results["seconds"]["wall"].values())
+    assert all(len(results["speedup_old_over_new"][clock]) == 2 for clock in ("wall", "cpu"))
+    assert json.loads((tmp_path / "fixes.json").read_text())["speedup_old_over_new"]
