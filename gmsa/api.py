@@ -142,6 +142,8 @@ class GMSA:
             self.config.save(staging)
             manifest = {"gmsa_version": __version__, "sha256": {WEIGHTS_NAME: _sha256(staging / WEIGHTS_NAME)}}
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            for path in [staging, *staging.iterdir()]:  # mkdtemp/safetensors make them private
+                path.chmod(0o755 if path.is_dir() else 0o644)
             if directory.exists():
                 shutil.rmtree(directory)
             staging.rename(directory)
@@ -258,9 +260,7 @@ class GMSA:
         ids = self.tokenize_contexts(texts)
         embeddings = [self.model.embed(torch.tensor(row, device=self.device)) for row in ids]
         lengths = [len(row) for row in ids]
-        return Compressed(
-            embeddings, [1] * len(texts), lengths, self.config.backbone_fingerprint, self.checkpoint_id
-        )
+        return Compressed(embeddings, [1] * len(texts), lengths, self.config.backbone_fingerprint, self.checkpoint_id)
 
     # ----------------------------------------------------------------- decode
     def _prompt_ids(self, prompt: str) -> list[int]:

@@ -214,12 +214,14 @@ class Measurement:
     prompt_tokens: int
     kv_cache_bytes: int
     peak_memory_bytes: int
+    load_average: float = 0.0  # the machine's 1-minute load average when the run started
     compressed: Compressed | None = field(default=None, repr=False)
 
 
 def measure(gmsa, prepare: Callable[[], Compressed], first_phase: str, n_new: int) -> Measurement:
     """Time ``prepare`` (tokenise, compress or load) + prompt building + prefill + decoding."""
     device = gmsa.device
+    load_average = os.getloadavg()[0]
     with PeakMemory(device) as memory, PhaseClock(gmsa, device) as clock:
         start = stamp(device)
         compressed = prepare()
@@ -245,7 +247,7 @@ def measure(gmsa, prepare: Callable[[], Compressed], first_phase: str, n_new: in
             phases[name]["compress_other"] -= phases[name]["encoder"] + phases[name]["merge_lsa"]
     e2e = {name: end[k] - start[k] for k, name in enumerate(CLOCKS)}
     prompt_tokens = int(packed.attention_mask.shape[1])
-    return Measurement(e2e, phases, prompt_tokens, clock.prompt_kv_bytes, memory.added_bytes, compressed)
+    return Measurement(e2e, phases, prompt_tokens, clock.prompt_kv_bytes, memory.added_bytes, load_average, compressed)
 
 
 # ----------------------------------------------------------------- the three kinds of run
@@ -309,16 +311,19 @@ def available_bytes(device: torch.device) -> int:
 
 
 def skip_reason(gmsa, arm: Arm, length: int, settings: BenchSettings, question_tokens: int) -> str | None:
-    """Why ``arm`` is not run at ``length`` (``None``: it is run)."""
+    """Why ``arm`` is not run at ``length`` (``None``: it is run).
+
+    The uncompressed prompt is skipped when the context alone exceeds the trained window; runs
+    whose prompt + new tokens exceed it by a little are run and flagged ``beyond_trained_window``.
+    """
     config = gmsa.model.decoder.config
     prompt = decoder_prompt_tokens(arm, length, question_tokens)
     window = getattr(config, "max_position_embeddings", None)
-    if arm.method == "uncompressed" and window and prompt + settings.new_tokens > window:
-        if not settings.run_beyond_window:
-            return (
-                f"{prompt + settings.new_tokens} positions are beyond the backbone's trained window "
-                f"(max_position_embeddings={window}); not a valid baseline (run with --run-beyond-window to time it)"
-            )
+    if arm.method == "uncompressed" and window and length > window and not settings.run_beyond_window:
+        return (
+            f"the {length}-token context alone is beyond the backbone's trained window "
+            f"(max_position_embeddings={window}): not a valid baseline (--run-beyond-window times it anyway)"
+        )
     encoder_tokens = 0
     if arm.mode == "fresh":
         n_windows = math.ceil(length / gmsa.config.window)
@@ -350,6 +355,7 @@ class BenchSettings:
     dtype: str | None = None
     threads: int | None = None
     batch_size: int = 8
+    window: int | None = None
     k_enc: int = 4
     text: str | None = None
     out: str = "reports/bench/bench-cpu.json"
@@ -369,6 +375,8 @@ class BenchSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"--window must be >= 1, got {self.window}")
         if self.device not in {"cpu", "cuda"} and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -389,10 +397,16 @@ def load_model(settings: BenchSettings):
 
     if settings.model:
         gmsa = GMSA.from_pretrained(settings.model, dtype=settings.torch_dtype, device=settings.device)
-        return gmsa, f"checkpoint {settings.model}"
-    gmsa = GMSA.from_backbone("default", GMSAConfig(k_enc=settings.k_enc), dtype=settings.torch_dtype)
-    gmsa.model.to(settings.device)
-    return gmsa, f"untrained GMSA (k_enc={settings.k_enc}) on the default backbone; speed does not depend on training"
+        described = f"checkpoint {settings.model}"
+    else:
+        gmsa = GMSA.from_backbone("default", GMSAConfig(k_enc=settings.k_enc), dtype=settings.torch_dtype)
+        gmsa.model.to(settings.device)
+        described = f"untrained GMSA (k_enc={settings.k_enc}) on the default backbone (speed does not need training)"
+    if settings.window is not None:
+        if settings.window > gmsa.config.max_context_tokens:
+            raise ValueError(f"--window {settings.window} exceeds the encoder window {gmsa.config.max_context_tokens}")
+        gmsa.config.window_tokens = settings.window
+    return gmsa, described
 
 
 def arms_for(rates: list[int]) -> list[Arm]:
@@ -426,6 +440,10 @@ def run_length(gmsa, length: int, text: str, settings: BenchSettings, workdir: P
             if arm in skipped:
                 continue
             stored = workdir / f"ctx-{length}-r{arm.rate}.safetensors"
+            if arm.mode == "stored" and not stored.exists():
+                skipped[arm] = "no stored soft tokens: the fresh run at this rate did not complete"
+                runs.pop(arm, None)
+                continue
             try:
                 result = run_arm(gmsa, arm, text, settings.new_tokens, settings.batch_size, stored)
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
@@ -447,6 +465,10 @@ def run_length(gmsa, length: int, text: str, settings: BenchSettings, workdir: P
     return rows
 
 
+def finished() -> dict:
+    return {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_end": os.getloadavg()}
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
@@ -462,6 +484,7 @@ def summarise(arm: Arm, length: int, runs: list[Measurement] | None, reason: str
         "prompt_tokens": first.prompt_tokens,
         "kv_cache_bytes": first.kv_cache_bytes,
         "peak_memory_bytes": int(statistics.median(r.peak_memory_bytes for r in runs)),
+        "load_average_1min": [r.load_average for r in runs],
     }
     decode_steps = n_new - 1  # the first new token comes out of the prefill
     for clock in CLOCKS:
@@ -571,7 +594,6 @@ def environment(gmsa, settings: BenchSettings, described: str, text_source: str,
         "repetition_penalty": REPETITION_PENALTY,
         "text_source": text_source,
         "text_repeated": repeated,
-        "load_average_start": os.getloadavg(),
         "note": settings.note,
         "settings": asdict(settings),
     }
@@ -582,10 +604,11 @@ def run_bench(settings: BenchSettings, log: Callable = print) -> dict:
     settings.check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    started = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_start": os.getloadavg()}
     gmsa, described = load_model(settings)
     passages, source = read_passages(Path(settings.text) if settings.text else None)
     if settings.fixes:
-        return run_fixes(gmsa, passages, settings, described, source, log)
+        return run_fixes(gmsa, passages, settings, described, source, log, started)
     rows, any_repeated = [], False
     with torch.inference_mode(), tempfile.TemporaryDirectory(prefix="gmsa-bench-") as workdir:
         warm_up(gmsa, passages, settings, Path(workdir))
@@ -600,7 +623,7 @@ def run_bench(settings: BenchSettings, log: Callable = print) -> dict:
         "rows": rows,
         "targets_2k": target_checks(rows),
     }
-    results["environment"]["load_average_end"] = os.getloadavg()
+    results["environment"] |= started | finished()
     write_results(results, Path(settings.out), settings.plot)
     log(format_table(results))
     return results
@@ -636,8 +659,14 @@ def fix_variants(gmsa, text: str, settings: BenchSettings) -> dict[str, Callable
     }
 
 
-def run_fixes(gmsa, passages: list[str], settings: BenchSettings, described: str, source: str, log) -> dict:
-    """Interleaved before/after timings (wall and CPU) of the decoding and encoder fixes at the first length."""
+def run_fixes(
+    gmsa, passages: list[str], settings: BenchSettings, described: str, source: str, log: Callable, started: dict
+) -> dict:
+    """Interleaved before/after timings (wall and CPU) of the decoding and encoder fixes at the first length.
+
+    Decoding is split by the decoder hooks into the prefill (the same work in both) and the
+    decoding steps after it (where the cache differs).
+    """
     import warnings
 
     length = settings.lengths[0]
@@ -650,15 +679,15 @@ def run_fixes(gmsa, passages: list[str], settings: BenchSettings, described: str
             variant()  # warm-up
         for repeat in range(settings.repeats):
             for name, variant in variants.items() if repeat % 2 == 0 else list(variants.items())[::-1]:
-                start = stamp(gmsa.device)
-                variant()
-                end = stamp(gmsa.device)
-                for k, clock in enumerate(CLOCKS):
-                    times[clock].setdefault(name, []).append(end[k] - start[k])
-                log(f"  [{repeat + 1}/{settings.repeats}] {name:<24} {end[0] - start[0]:8.2f} s wall")
+                for part, seconds in _timed_parts(gmsa, variant).items():
+                    for clock in CLOCKS:
+                        times[clock].setdefault(f"{name}:{part}", []).append(seconds[clock])
+                log(f"  [{repeat + 1}/{settings.repeats}] {name:<24} {times['wall'][f'{name}:total'][-1]:8.2f} s wall")
     pairs = {
-        "decoding (prefill + new tokens)": ("generate_transformers", "generate_reserved_cache"),
-        "encoder (k_enc layers + merge + LSA)": ("encode_lora", "encode_merged_lora"),
+        "decoding steps after the prefill": ("generate_transformers:decode", "generate_reserved_cache:decode"),
+        "prefill (same work, control)": ("generate_transformers:prefill", "generate_reserved_cache:prefill"),
+        "prefill + decoding": ("generate_transformers:total", "generate_reserved_cache:total"),
+        "encoder (k_enc layers + merge + LSA)": ("encode_lora:total", "encode_merged_lora:total"),
     }
     results = {
         "environment": environment(gmsa, settings, described, source, repeated) | {"length": length},
@@ -668,7 +697,7 @@ def run_fixes(gmsa, passages: list[str], settings: BenchSettings, described: str
             for clock in CLOCKS
         },
     }
-    results["environment"]["load_average_end"] = os.getloadavg()
+    results["environment"] |= started | finished()
     out = Path(settings.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -677,6 +706,20 @@ def run_fixes(gmsa, passages: list[str], settings: BenchSettings, described: str
             paired = f"{value['paired_min']:.2f}-{value['paired_max']:.2f}"
             log(f"{what} [{clock}]: old/new = {value['ratio_of_medians']:.2f}x (paired {paired})")
     return results
+
+
+def _timed_parts(gmsa, variant: Callable[[], object]) -> dict[str, dict[str, float]]:
+    """Seconds by clock of a whole call, and of its decoder prefill and later decoder calls."""
+    with PhaseClock(gmsa, gmsa.device) as clock:
+        start = stamp(gmsa.device)
+        variant()
+        end = stamp(gmsa.device)
+    parts = {"total": {c: end[k] - start[k] for k, c in enumerate(CLOCKS)}}
+    if any(name == "decoder_end" for name, _ in clock.events):
+        decoder_start, prefill_end = clock.first("decoder_start"), clock.first("decoder_end")
+        parts["prefill"] = {c: prefill_end[k] - decoder_start[k] for k, c in enumerate(CLOCKS)}
+        parts["decode"] = {c: end[k] - prefill_end[k] for k, c in enumerate(CLOCKS)}
+    return parts
 
 
 # ----------------------------------------------------------------- output
@@ -719,10 +762,96 @@ def _fmt(value: float | None, width: int, digits: int = 2) -> str:
 
 
 def write_results(results: dict, out: Path, plot: bool) -> None:
+    """The JSON, a markdown summary next to it, and (``plot``) the figure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown_report(results))
     if plot:
         plot_results(results, out.with_suffix(".png"))
+
+
+def markdown_report(results: dict) -> str:
+    """Markdown tables of a results JSON: all rows, the phase breakdown at 2k, the targets."""
+    env = results["environment"]
+    lines = [
+        f"Model: {env['model']}. Device: {env['device']} ({env['device_name']}), {env['dtype']}, "
+        f"{env['torch_threads']} torch thread(s), {env['new_tokens']} new tokens (greedy, repetition penalty "
+        f"{env['repetition_penalty']}), {env['repeats']} interleaved repeats, encoder window {env['encoder_window']}. "
+        f"Load average at start/end: {_loads(env, 'start')} / {_loads(env, 'end')}. {env['note']}",
+        "",
+        "Seconds are medians [min-max] over the repeats; speed-ups are uncompressed / GMSA (ratio of medians, "
+        "with the range of the per-repeat paired ratios). CPU = this process's CPU time.",
+        "",
+        "| context | arm | wall e2e s | CPU e2e s | x e2e wall | x e2e CPU | x prefill CPU | compress tok/s (CPU) "
+        "| decode tok/s (CPU) | KV MiB (ratio) | peak MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['length']} | {row['arm']} | skipped: {row['reason']} |||||||||")
+            continue
+        wall, cpu = row["wall"], row["cpu"]
+        ratio = f" ({row['kv_cache_ratio']:.3f})" if "kv_cache_ratio" in row else ""
+        flag = " (beyond trained window)" if row["beyond_trained_window"] else ""
+        lines.append(
+            f"| {row['length']} | {row['arm']}{flag} | {_spread(wall['e2e_s'])} | {_spread(cpu['e2e_s'])} "
+            f"| {_speedup(wall.get('speedup_e2e'))} | {_speedup(cpu.get('speedup_e2e'))} "
+            f"| {_speedup(cpu.get('speedup_prefill'))} | {_fmt(cpu['compress_tokens_per_s'], 0, 0)} "
+            f"| {_fmt(cpu['decode_tokens_per_s'], 0, 1)} | {row['kv_cache_bytes'] / 2**20:.1f}{ratio} "
+            f"| {row['peak_memory_bytes'] / 2**20:.0f} |"
+        )
+    lines += ["", *_breakdown_table(results["rows"]), "", *_targets_table(results["targets_2k"])]
+    return "\n".join(lines) + "\n"
+
+
+def _loads(env: dict, when: str) -> str:
+    values = env.get(f"load_average_{when}")
+    return "/".join(f"{v:.1f}" for v in values) if values else "?"
+
+
+def _spread(value: dict) -> str:
+    return f"{value['median']:.2f} [{value['min']:.2f}-{value['max']:.2f}]"
+
+
+def _speedup(value: dict | None) -> str:
+    if not value:
+        return "-"
+    return f"{value['ratio_of_medians']:.2f}x ({value['paired_min']:.2f}-{value['paired_max']:.2f})"
+
+
+def _breakdown_table(rows: list[dict], length: int = 2048) -> list[str]:
+    """Median CPU seconds per phase at ``length`` tokens."""
+    mine = [row for row in rows if row["length"] == length and row["status"] == "ok"]
+    if not mine:
+        return []
+    lines = [
+        f"Where the time goes at {length} context tokens (median CPU seconds per phase):",
+        "",
+        "| arm | " + " | ".join(PHASES) + " | total |",
+        "|---|" + "---:|" * (len(PHASES) + 1),
+    ]
+    for row in mine:
+        phases = row["cpu"]["phases_s"]
+        cells = " | ".join(f"{phases[name]:.2f}" if name in phases else "-" for name in PHASES)
+        lines.append(f"| {row['arm']} | {cells} | {sum(phases.values()):.2f} |")
+    return lines
+
+
+def _targets_table(checks: list[dict]) -> list[str]:
+    if not checks:
+        return []
+    lines = [
+        "Targets at 2048 tokens:",
+        "",
+        "| target | arm | clock | measured | threshold | met |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for c in checks:
+        lines.append(
+            f"| {c['target']} | {c['arm']} | {c['clock']} | {c['measured']:.3f} | {c['threshold']:.3f} "
+            f"| {'yes' if c['met'] else 'no'} |"
+        )
+    return lines
 
 
 def plot_results(results: dict, path: Path) -> None:
@@ -793,17 +922,29 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default) or float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=8, help="encoder windows per batch")
+    p.add_argument("--window", type=int, default=None, help="tokens per encoder window (default: the model's)")
     p.add_argument("--k-enc", type=int, default=4, help="encoder layers of the untrained GMSA (without --model)")
     p.add_argument("--text", default=None, help="JSONL (text/context fields) or text file of passages")
     p.add_argument("--out", default=None, help="results JSON (default reports/bench/bench-DEVICE.json)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--run-beyond-window", action="store_true", help="also time uncompressed prompts beyond the window")
     p.add_argument("--fixes", action="store_true", help="time the old vs new decoding and encoder instead")
+    p.add_argument("--from-json", default=None, help="only rewrite the .md and .png of an existing results JSON")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.from_json:
+        path = Path(args.from_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such results file: {path}")
+        results = json.loads(path.read_text())
+        if "rows" not in results:
+            raise ValueError(f"{path} is not a `gmsa bench` results file (no rows; a --fixes file?)")
+        write_results(results, path, plot=not args.no_plot)
+        print(format_table(results))
+        return 0
     settings = BenchSettings(
         model=args.model,
         lengths=args.lengths,
@@ -814,6 +955,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         threads=args.threads,
         batch_size=args.batch_size,
+        window=args.window,
         k_enc=args.k_enc,
         text=args.text,
         out=args.out or f"reports/bench/{'fixes' if args.fixes else 'bench'}-{args.device.split(':')[0]}.json",

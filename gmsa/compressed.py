@@ -99,6 +99,7 @@ class Compressed:
         os.close(handle)
         try:
             save_file(tensors, tmp, metadata={"gmsa": json.dumps(meta)})
+            os.chmod(tmp, 0o644)  # mkstemp files are private
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -41,8 +41,10 @@ class ReservedLayer(DynamicLayer):
             self._grow(max(end, 2 * self.capacity))
         self._keys[:, :, self.filled : end] = key_states
         self._values[:, :, self.filled : end] = value_states
-        self.filled = end
+        first_update, self.filled = self.filled == 0, end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        if first_update:  # the prefill attends over exactly these (contiguous) tensors
+            return key_states, value_states
         return self.keys, self.values
 
     def _grow(self, capacity: int) -> None:

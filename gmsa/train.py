@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -262,7 +264,16 @@ class Trainer:
         self.model.train()
         return row
 
+    def _request_stop(self, signum, frame) -> None:
+        log.warning("signal %d: saving at the end of this step, then stopping", signum)
+        self.stop_requested = True
+
     def run(self) -> None:
+        """Train until ``max_steps`` (or a stop condition), saving periodically; SIGTERM/SIGINT save and stop."""
+        self.stop_requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._request_stop)
+            signal.signal(signal.SIGINT, self._request_stop)
         self.resume()
         self.model.train()
         started, last_save = time.time(), time.time()
@@ -295,7 +306,7 @@ class Trainer:
                 self.log_row(row)
                 bar.write(json.dumps(row))
             out_of_time = self.cfg.max_minutes and self.elapsed - base_elapsed > 60 * self.cfg.max_minutes
-            stopping = out_of_time or self.step == self.cfg.stop_at_step
+            stopping = out_of_time or self.step == self.cfg.stop_at_step or self.stop_requested
             if time.time() - last_save > 60 * self.cfg.save_every_min or stopping:
                 self.save()
                 last_save = time.time()

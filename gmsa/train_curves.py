@@ -1,6 +1,6 @@
 """Plot a run's training loss and validation BLEU against step (for the model card).
 
-    python -m gmsa.train_curves runs/ae/metrics.jsonl reports/train/ae_curves.png
+python -m gmsa.train_curves runs/ae/metrics.jsonl reports/train/ae_curves.png
 """
 
 from __future__ import annotations

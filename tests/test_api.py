@@ -73,7 +73,9 @@ def test_non_integer_rate_is_an_error(tiny_gmsa, rate):
         tiny_gmsa.compress(TEXTS, rate=rate)
 
 
-@pytest.mark.parametrize("texts,error", [("", ValueError), ("   \n", ValueError), ([], TypeError), (42, TypeError), ([1], TypeError)])
+@pytest.mark.parametrize(
+    "texts,error", [("", ValueError), ("   \n", ValueError), ([], TypeError), (42, TypeError), ([1], TypeError)]
+)
 def test_bad_texts_are_errors(tiny_gmsa, texts, error):
     with pytest.raises(error):
         tiny_gmsa.compress(texts)
@@ -127,8 +129,15 @@ def test_soft_tokens_of_another_checkpoint_are_refused(tiny_gmsa, tmp_path):
         other.generate(Compressed.load(tmp_path / "ctx.safetensors"), ["a?", "b?"])
 
 
-def test_over_long_context_names_the_limit(tiny_gmsa):
-    with pytest.raises(ValueError, match="64"):
+def test_context_over_the_window_is_compressed_window_by_window(tiny_gmsa):
+    compressed = tiny_gmsa.compress(" ".join(["fox"] * 100), rate=4)  # window: 64 tokens
+    assert compressed.n_tokens == [100]
+    assert compressed.n_soft_tokens == [16 + 9]
+
+
+def test_context_over_the_hard_cap_names_the_limit(tiny_gmsa):
+    tiny_gmsa.config.max_total_tokens = 80
+    with pytest.raises(ValueError, match="80"):
         tiny_gmsa.compress(" ".join(["fox"] * 100))
 
 

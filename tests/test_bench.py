@@ -95,6 +95,17 @@ def test_writes_json_and_plot(checkpoint, passages, tmp_path):
     assert env["text_source"] == str(passages)
 
 
+def test_encoder_window_option_splits_contexts(checkpoint, passages, tmp_path):
+    options = settings(checkpoint, passages, tmp_path, lengths=[40], rates=[4], repeats=1, window=16)
+    results = run_bench(options, log=lambda line: None)
+    assert results["environment"]["encoder_window"] == 16
+    assert [r["prompt_tokens"] - r["length"] // 4 for r in results["rows"][1:]] == [
+        results["rows"][0]["prompt_tokens"] - 40
+    ] * 2
+    with pytest.raises(ValueError, match="--window 100 exceeds the encoder window 64"):
+        run_bench(settings(checkpoint, passages, tmp_path, window=100), log=lambda line: None)
+
+
 def test_prompt_beyond_the_trained_window_is_skipped_with_a_reason(checkpoint, passages, tmp_path):
     rows = run_bench(settings(checkpoint, passages, tmp_path, lengths=[600], repeats=1), log=lambda line: None)["rows"]
     base = rows[0]
@@ -124,11 +135,26 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+PARTS = ("total", "prefill", "decode")
+
+
 def test_fixes_mode_times_old_and_new_code(checkpoint, passages, tmp_path):
     options = settings(checkpoint, passages, tmp_path, lengths=[40], fixes=True, out=str(tmp_path / "fixes.json"))
     results = run_bench(options, log=lambda line: None)
-    names = {"generate_transformers", "generate_reserved_cache", "encode_lora", "encode_merged_lora"}
+    names = {f"{g}:{part}" for g in ("generate_transformers", "generate_reserved_cache") for part in PARTS}
+    names |= {"encode_lora:total", "encode_merged_lora:total"}
     assert set(results["seconds"]["wall"]) == set(results["seconds"]["cpu"]) == names
     assert all(len(value["runs"]) == 2 for value in results["seconds"]["wall"].values())
-    assert all(len(results["speedup_old_over_new"][clock]) == 2 for clock in ("wall", "cpu"))
+    assert all(len(results["speedup_old_over_new"][clock]) == 4 for clock in ("wall", "cpu"))
     assert json.loads((tmp_path / "fixes.json").read_text())["speedup_old_over_new"]
+
+
+def test_from_json_rewrites_the_markdown_summary(checkpoint, passages, tmp_path, capsys):
+    run_bench(settings(checkpoint, passages, tmp_path, lengths=[20], rates=[4], repeats=1), log=lambda line: None)
+    out = tmp_path / "out" / "bench.json"
+    summary = out.with_suffix(".md")
+    assert "| context | arm |" in summary.read_text()
+    summary.unlink()
+    assert main(["bench", "--from-json", str(out), "--no-plot"]) == 0
+    assert "gmsa-stored-r4" in summary.read_text() and "gmsa bench:" in capsys.readouterr().out
+    assert main(["bench", "--from-json", str(tmp_path / "missing.json")]) == 2

@@ -53,7 +53,9 @@ def test_ae_loss_on_a_fixed_batch_falls_by_half(make_gmsa, backbone_dir):
     gmsa.model.train()
     tok = gmsa.tokenizer
     prompt = tok(gmsa.config.ae_prompt, add_special_tokens=False)["input_ids"]
-    examples = [Example(ids, prompt, ids + [tok.eos_token_id]) for ids in tok(SENTENCES, add_special_tokens=False)["input_ids"]]
+    examples = [
+        Example(ids, prompt, ids + [tok.eos_token_id]) for ids in tok(SENTENCES, add_special_tokens=False)["input_ids"]
+    ]
     batch = next(iter(BatchStream(examples, 4, (2,), tok.pad_token_id)))
     optimizer = torch.optim.AdamW([p for p in gmsa.model.parameters() if p.requires_grad], lr=3e-3)
     losses = []

@@ -12,7 +12,8 @@ part differs::
     truncate-head   context part = embeddings of the first ceil(L / rate) context tokens
     truncate-tail   context part = embeddings of the last ceil(L / rate) context tokens
     llmlingua       context part = embeddings of the tokens of LLMLingua's compressed text,
-                                   target ceil(L / rate) tokens, cut to that budget if over
+                                   target ceil(L / rate) tokens (retried with a smaller target
+                                   while over the budget, then cut to it)
 
 ``L`` counts the backbone's tokens of the context. Context and question are tokenised
 separately (no separator between them), exactly as GMSA's decoder reads soft tokens + question.
@@ -189,16 +190,21 @@ class LLMLingua(TextContextMethod):
 
     ``target_token`` is the budget in the small LM's (= the backbone's) tokens; contexts are
     short, so the iterative window is ``iterative_size`` tokens (llmlingua's default of 200
-    leaves contexts under 200 tokens uncompressed). The re-tokenised result is cut to the
-    budget if LLMLingua overshoots it; ``extra["llmlingua_tokens"]`` records its own length.
+    leaves contexts under 200 tokens uncompressed). Its length control is approximate (and the
+    kept pieces re-tokenise into more tokens), so when the result is over the budget it is
+    compressed again with ``target_token`` shrunk by the overshoot, up to ``max_attempts``
+    times; a result still over the budget is cut to it. ``extra`` records the last attempt's
+    length (``llmlingua_tokens``) and the number of attempts.
     """
 
     small_lm_dir: str = ""
     iterative_size: int = 32
+    max_attempts: int = 3
     _compressor: object = field(default=None, init=False, repr=False)
 
     def settings(self) -> dict:
-        return super().settings() | {"small_lm": str(self.small_lm_dir), "iterative_size": self.iterative_size}
+        extra = {"small_lm": str(self.small_lm_dir), "iterative_size": self.iterative_size}
+        return super().settings() | extra | {"max_attempts": self.max_attempts}
 
     @property
     def compressor(self):
@@ -208,15 +214,25 @@ class LLMLingua(TextContextMethod):
             self._compressor = load_prompt_compressor(Path(self.small_lm_dir))
         return self._compressor
 
+    def _compress(self, text: str, target: int) -> list[int]:
+        result = self.compressor.compress_prompt(
+            [text], target_token=target, iterative_size=self.iterative_size, use_context_level_filter=False
+        )
+        return self.gmsa.tokenizer(result["compressed_prompt"], add_special_tokens=False)["input_ids"]
+
     def select(self, ids: list[int], text: str, rate: int) -> tuple[list[int], dict]:
         keep = budget(len(ids), rate)
         if keep >= len(ids):
-            return list(ids), {"llmlingua_tokens": len(ids)}
-        result = self.compressor.compress_prompt(
-            [text], target_token=keep, iterative_size=self.iterative_size, use_context_level_filter=False
-        )
-        compressed_ids = self.gmsa.tokenizer(result["compressed_prompt"], add_special_tokens=False)["input_ids"]
-        return list(compressed_ids[:keep]), {"llmlingua_tokens": len(compressed_ids)}
+            return list(ids), {"llmlingua_tokens": len(ids), "llmlingua_attempts": 0}
+        target, attempt = keep, 0
+        while attempt < self.max_attempts:
+            attempt += 1
+            compressed = self._compress(text, target)
+            smaller = max(1, target * keep // len(compressed)) if compressed else target
+            if len(compressed) <= keep or smaller == target:
+                break
+            target = smaller
+        return list(compressed[:keep]), {"llmlingua_tokens": len(compressed), "llmlingua_attempts": attempt}
 
 
 BASELINES: dict[str, type[TextContextMethod]] = {

@@ -94,12 +94,12 @@ def _load_sample(args: argparse.Namespace, task: str, models: list) -> tuple[lis
 
     from .common import load_examples, select_examples
 
-    examples = load_examples(args.data, task, models[0][2].tokenizer)
+    examples, skipped = load_examples(args.data, task, models[0][2].tokenizer)
     window = min(gmsa.config.max_context_tokens for _, _, gmsa in models)
     fitting = [e for e in examples if e.n_tokens <= window]
     if not fitting:
         raise ValueError(f"no context of {args.data} fits the encoder window of {window} tokens")
-    notes = []
+    notes = [f"skipped {len(skipped)} unusable rows, e.g. {skipped[0]}"] if skipped else []
     if len(fitting) < len(examples):
         notes.append(f"{len(examples) - len(fitting)} of {len(examples)} contexts exceed the {window}-token window")
     group = (lambda e: e.bucket) if task == "reconstruct" else (lambda e: e.source)

@@ -57,37 +57,44 @@ def _field(row: dict, key: str, where: str, kind: type) -> object:
     return row[key]
 
 
-def load_examples(path: str | Path, task: str, tokenizer) -> list[Example]:
-    """Rows of an AE (``{"text", ...}``) or QA (``{"context", "question", "answers", ...}``) JSONL file.
+def _row_example(row: object, task: str, where: str, default_id: str) -> Example | str:
+    """The example of one row, or why a well-formed row is unusable (empty text, question or answers).
 
-    ``n_tokens`` is recounted with ``tokenizer`` (the backbone's). Empty texts, questions or
-    answer lists are refused with the file and line.
+    A row that is not an object, lacks a field or has a field of the wrong type is a ValueError.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    context = _field(row, "text" if task == "reconstruct" else "context", where, str)
+    question, answers = "", ()
+    if task == "qa":
+        question = _field(row, "question", where, str)
+        answers = tuple(str(a) for a in _field(row, "answers", where, list) if str(a).strip())
+        if not question.strip() or not answers:
+            return f"{where}: no question or no non-empty answer"
+    if not context.strip():
+        return f"{where}: empty context"
+    return Example(str(row.get("doc_id") or default_id), context, question, answers, str(row.get("source", "")))
+
+
+def load_examples(path: str | Path, task: str, tokenizer) -> tuple[list[Example], list[str]]:
+    """Examples of an AE (``{"text", ...}``) or QA (``{"context", "question", "answers", ...}``) JSONL file.
+
+    Returns the examples (``n_tokens`` recounted with ``tokenizer``, the backbone's) and one
+    line per skipped row (empty context, question or answers), naming its file and row.
     """
     if task not in {"reconstruct", "qa"}:
         raise ValueError(f"task must be reconstruct or qa, got {task!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    examples = []
+    examples, skipped = [], []
     for number, row in enumerate(read_jsonl(path), 1):
-        where = f"{path}, row {number}"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        context = _field(row, "text" if task == "reconstruct" else "context", where, str)
-        question, answers = "", ()
-        if task == "qa":
-            question = _field(row, "question", where, str)
-            answers = tuple(str(a) for a in _field(row, "answers", where, list))
-            if not question.strip() or not answers:
-                raise ValueError(f"{where}: a QA row needs a question and at least one answer")
-        if not context.strip():
-            raise ValueError(f"{where}: empty context")
-        example_id = str(row.get("doc_id") or f"{path.stem}:{number}")
-        examples.append(Example(example_id, context, question, answers, str(row.get("source", "")), 0))
+        parsed = _row_example(row, task, f"{path}, row {number}", f"{path.stem}:{number}")
+        (examples if isinstance(parsed, Example) else skipped).append(parsed)
     if not examples:
-        raise ValueError(f"{path} has no examples")
+        raise ValueError(f"{path} has no usable examples" + (f" ({skipped[0]}, ...)" if skipped else ""))
     counts = [len(ids) for ids in tokenizer([e.context for e in examples], add_special_tokens=False)["input_ids"]]
-    return [Example(**(asdict(e) | {"n_tokens": n})) for e, n in zip(examples, counts)]
+    return [Example(**(asdict(e) | {"n_tokens": n})) for e, n in zip(examples, counts)], skipped
 
 
 def select_examples(

@@ -141,6 +141,7 @@ def plot_vs_rate(results: list[dict], rates: list[int], metrics: list[tuple[str,
             values = [r["metrics"].get(key, math.nan) for r in points]
             axis.plot([r["rate"] for r in points], values, "o-", label=method, color=color)
         _rate_axis(axis, rates)
+        axis.set_ylim(bottom=min(0.0, axis.get_ylim()[0]))  # an honest baseline: scores start at 0
         axis.set_title(title)
     axes[0][0].legend(fontsize=7, loc="best")
     figure.tight_layout()

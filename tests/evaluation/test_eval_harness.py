@@ -140,12 +140,24 @@ def test_bad_input_exits_2_with_a_message(eval_env, backbone_dir, qa_data, capsy
     assert message in capsys.readouterr().err
 
 
-def test_bad_rows_are_refused_with_file_and_line(eval_env, backbone_dir, capsys):
+def test_unusable_rows_are_skipped_with_a_note(eval_env, backbone_dir, qa_data):
+    data = eval_env / "qa.jsonl"
+    unusable = json.dumps({"context": "Paris is a city.", "question": "", "answers": ["Paris"]})
+    data.write_text(qa_data.read_text() + unusable + "\n")
+    argv = ["eval", "qa", "--backbone", str(backbone_dir), "--data", str(data), "--model", "untrained:k_enc=2"]
+    argv += ["--baselines", "--max-new-tokens", "2", "--out", str(eval_env / "out")]
+    assert main(argv) == 0
+    payload = json.loads((eval_env / "out" / "results.json").read_text())
+    assert payload["n_examples"] == 3
+    assert payload["notes"] == [f"skipped 1 unusable rows, e.g. {data}, row 4: no question or no non-empty answer"]
+
+
+def test_malformed_rows_exit_2_with_file_and_row(eval_env, backbone_dir, capsys):
     bad = eval_env / "bad.jsonl"
-    bad.write_text(json.dumps({"context": "Paris is a city.", "question": "Where?", "answers": []}) + "\n")
+    bad.write_text(json.dumps({"context": "Paris is a city.", "question": "Where?"}) + "\n")
     argv = ["eval", "qa", "--backbone", str(backbone_dir), "--data", str(bad), "--model", "untrained:k_enc=2"]
     assert main(argv) == 2
-    assert f"{bad}, row 1: a QA row needs a question and at least one answer" in capsys.readouterr().err
+    assert f"{bad}, row 1: missing field 'answers'" in capsys.readouterr().err
 
 
 def test_rates_must_be_positive(backbone_dir):

@@ -75,4 +75,36 @@ def test_llmlingua_keeps_to_the_budget(eval_env, no_network, tiny_gmsa, backbone
         assert extra["llmlingua_tokens"] >= len(kept)
         assert len(kept) < len(ids) and math.ceil(len(ids) / rate) < len(ids)
     short = tiny_gmsa.tokenizer("Paris", add_special_tokens=False)["input_ids"]
-    assert method.select(short, "Paris", 4) == (short, {"llmlingua_tokens": 1})  # budget 1 = the whole text
+    assert method.select(short, "Paris", 4) == (short, {"llmlingua_tokens": 1, "llmlingua_attempts": 0})
+
+
+class OvershootingCompressor:
+    """Keeps the first ``target_token + overshoot`` words: a stand-in for LLMLingua's loose length control."""
+
+    def __init__(self, overshoot: int):
+        self.overshoot, self.targets = overshoot, []
+
+    def compress_prompt(self, context, target_token, **kwargs):
+        self.targets.append(target_token)
+        return {"compressed_prompt": " ".join(context[0].split()[: target_token + self.overshoot])}
+
+
+@pytest.mark.parametrize(
+    "overshoot,attempts,targets,kept,cut",
+    [
+        (0, 1, [6], 6, False),  # on budget at once
+        (2, 2, [6, 4], 6, False),  # 8 words > 6: target 6 * 6 // 8 = 4 -> 6 words
+        (40, 2, [6, 1], 6, True),  # 46 words: target max(1, 36 // 46) = 1; 41 words: 1 again, stop; cut to 6
+        (3, 3, [6, 4, 3], 6, False),  # 9 words: 36 // 9 = 4; 7 words: 24 // 7 = 3; 6 words: on budget
+    ],
+)
+def test_llmlingua_retries_a_smaller_target_before_cutting(tiny_gmsa, overshoot, attempts, targets, kept, cut):
+    method = LLMLingua("llmlingua", tiny_gmsa, max_attempts=3)
+    method._compressor = OvershootingCompressor(overshoot)
+    text = " ".join(["fox"] * 24)  # 24 tokens with the word-level tiny tokenizer; budget at 4x: 6
+    ids = tiny_gmsa.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 24
+    chosen, extra = method.select(ids, text, 4)
+    assert method._compressor.targets == targets
+    assert extra["llmlingua_attempts"] == attempts
+    assert len(chosen) == kept and (extra["llmlingua_tokens"] > kept) == cut

@@ -178,15 +178,32 @@ def test_model_spec_parse(text, label, source, overrides):
     assert (spec.label, spec.source, spec.overrides) == (label, source, overrides)
 
 
-def test_load_examples_recounts_tokens(tiny_gmsa, tmp_path):
+def test_load_examples_recounts_tokens_and_skips_unusable_rows(tiny_gmsa, tmp_path):
     path = tmp_path / "ae.jsonl"
-    path.write_text('{"text": "Paris is the capital of France."}\n\n{"text": "The quick brown fox."}\n')
-    examples = load_examples(path, "reconstruct", tiny_gmsa.tokenizer)
+    path.write_text('{"text": "Paris is the capital of France."}\n\n{"text": "  "}\n{"text": "The quick brown fox."}\n')
+    examples, skipped = load_examples(path, "reconstruct", tiny_gmsa.tokenizer)
     assert [e.n_tokens for e in examples] == [len(_ids(tiny_gmsa, e.context)) for e in examples]
-    assert [e.id for e in examples] == ["ae:1", "ae:2"]  # rows (blank lines skipped)
-    path.write_text('{"text": "   "}\n')
-    with pytest.raises(ValueError, match=r"ae.jsonl, row 1: empty context"):
-        load_examples(path, "reconstruct", tiny_gmsa.tokenizer)
-    path.write_text('{"context": "x", "question": "y", "answers": "z"}\n')
-    with pytest.raises(ValueError, match=r"field 'answers' must be a list"):
+    assert [e.id for e in examples] == ["ae:1", "ae:3"]  # rows (blank lines skipped)
+    assert skipped == [f"{path}, row 2: empty context"]
+
+    path.write_text(
+        '{"context": "x", "question": "", "answers": ["y"]}\n{"context": "x", "question": "q", "answers": [" "]}\n'
+    )
+    with pytest.raises(ValueError, match=r"has no usable examples \(.*row 1: no question or no non-empty answer"):
+        load_examples(path, "qa", tiny_gmsa.tokenizer)
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('["a list"]', "row 1: expected a JSON object"),
+        ('{"context": "x", "question": "q"}', "row 1: missing field 'answers'"),
+        ('{"context": "x", "question": "q", "answers": "z"}', "row 1: field 'answers' must be a list"),
+        ('{"context": 3, "question": "q", "answers": ["z"]}', "row 1: field 'context' must be a str"),
+    ],
+)
+def test_load_examples_refuses_malformed_rows(tiny_gmsa, tmp_path, line, message):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message):
         load_examples(path, "qa", tiny_gmsa.tokenizer)
