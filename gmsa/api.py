@@ -36,7 +36,8 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or belongs to another backbone."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -129,7 +130,7 @@ class GMSA:
             )
         model = GMSAModel(decoder, config)
         load_trained(model, weights, directory)
-        return cls(model.to(device), tokenizer, checkpoint_id=_sha256(directory / WEIGHTS_NAME)[:16])
+        return cls(model.to(device), tokenizer, checkpoint_id=file_sha256(directory / WEIGHTS_NAME)[:16])
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16) -> None:
         """Save only the trained parts (encoder LoRA, LSA, tuned decoder) + config, atomically."""
@@ -140,7 +141,7 @@ class GMSA:
             state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in trained_state_dict(self.model).items()}
             save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "gmsa_version": __version__})
             self.config.save(staging)
-            manifest = {"gmsa_version": __version__, "sha256": {WEIGHTS_NAME: _sha256(staging / WEIGHTS_NAME)}}
+            manifest = {"gmsa_version": __version__, "sha256": {WEIGHTS_NAME: file_sha256(staging / WEIGHTS_NAME)}}
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
             for path in [staging, *staging.iterdir()]:  # mkdtemp/safetensors make them private
                 path.chmod(0o755 if path.is_dir() else 0o644)
@@ -367,7 +368,7 @@ def _verified_weights(directory: Path) -> dict[str, torch.Tensor]:
         expected = json.loads(manifest_path.read_text())["sha256"][WEIGHTS_NAME]
     except (OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"{manifest_path} is missing or corrupt ({err})") from err
-    if _sha256(directory / WEIGHTS_NAME) != expected:
+    if file_sha256(directory / WEIGHTS_NAME) != expected:
         raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match its checksum: the file is corrupt")
     try:
         return load_file(directory / WEIGHTS_NAME)

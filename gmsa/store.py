@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .api import file_sha256
 from .compressed import Compressed, IncompatibleContextError
 
 try:
@@ -112,14 +113,6 @@ def context_id(text_sha256: str, rate: int, backbone_fingerprint: str, checkpoin
 def is_context_id(value: str) -> bool:
     """Whether ``value`` has the shape of a context id (32 lowercase hex digits)."""
     return len(value) == ID_HEX_CHARS and all(c in "0123456789abcdef" for c in value)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
@@ -229,7 +222,7 @@ class ContextStore:
         if record is None:
             raise KeyError(context_id_)
         path = self.blob_path(context_id_)
-        if verify and (not path.is_file() or _file_sha256(path) != record.blob_sha256):
+        if verify and (not path.is_file() or file_sha256(path) != record.blob_sha256):
             raise StoreError(f"context {context_id_}: blob {path} is missing or does not match its checksum")
         try:
             compressed = Compressed.load(path)
@@ -332,7 +325,7 @@ def _new_record(
         n_soft_tokens=int(tokens.shape[0]),
         hidden_size=int(tokens.shape[-1]),
         dtype=str(tokens.dtype).removeprefix("torch."),
-        blob_sha256=_file_sha256(path),
+        blob_sha256=file_sha256(path),
         blob_bytes=path.stat().st_size,
         created_at=time.time(),
         metadata=metadata,
