@@ -68,6 +68,16 @@ def model_key(gmsa: GMSA) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def decoder_key(gmsa: GMSA) -> str:
+    """Id of the decoder a text baseline reads with: the backbone itself, unless KEFT tuned it.
+
+    Baselines on an untuned decoder share their cached outputs across GMSA models.
+    """
+    if gmsa.config.decoder_tuning == "none":
+        return f"backbone:{gmsa.config.backbone_fingerprint}"
+    return model_key(gmsa)
+
+
 @dataclass
 class Method:
     """A way to answer a question about a context under a compression rate (kvpress-style).
@@ -124,6 +134,9 @@ class TextContextMethod(Method):
     def select(self, ids: list[int], text: str, rate: int) -> tuple[list[int], dict]:
         """The context token ids the decoder reads, and any details worth recording."""
         raise NotImplementedError
+
+    def settings(self) -> dict:
+        return super().settings() | {"model": decoder_key(self.gmsa)}
 
     @torch.inference_mode()
     def run(self, contexts: list[str], questions: list[str], rate: int) -> list[Output]:

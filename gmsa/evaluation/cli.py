@@ -135,6 +135,7 @@ def _payload(args: argparse.Namespace, task: str, models, examples, results, not
         "results": results,
         "notes": notes,
         "wall_seconds": time.time() - started,
+        "compute_seconds": sum(r["metrics"]["seconds_per_example"] * r["metrics"]["n"] for r in results),
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
         "gmsa_version": __version__,

@@ -90,7 +90,9 @@ def render_markdown(payload: dict) -> str:
         + ")",
         f"- models: {models}",
         f"- rates: {', '.join(f'{r}x' for r in payload['rates'])}",
-        f"- wall time: {payload['wall_seconds']:.0f} s ({payload['device']}, {payload['threads']} threads)",
+        f"- time: {payload['wall_seconds']:.0f} s wall for this run; {payload['compute_seconds']:.0f} s of "
+        f"compression + generation over all rows, cached ones included ({payload['device']}, "
+        f"{payload['threads']} threads)",
     ]
     if task == "qa":
         gen = payload["generation"]

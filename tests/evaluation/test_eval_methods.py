@@ -87,6 +87,13 @@ def test_cache_id_tracks_settings(tiny_gmsa):
     assert a.cache_id != ClosedBook("u", tiny_gmsa, Generation(100, 1.3)).cache_id
 
 
+def test_baselines_on_the_same_untuned_decoder_share_their_cache(backbone_dir, make_gmsa):
+    one, other = make_gmsa(backbone_dir, k_enc=1), make_gmsa(backbone_dir, k_enc=2)
+    assert Uncompressed("u", one).cache_id == Uncompressed("u", other).cache_id  # same backbone decoder
+    assert GMSAMethod("g", one).cache_id != GMSAMethod("g", other).cache_id
+    assert Uncompressed("u", make_gmsa(backbone_dir, decoder_tuning="qkv")).cache_id != Uncompressed("u", one).cache_id
+
+
 def test_generation_settings_are_checked():
     with pytest.raises(ValueError, match="max_new_tokens"):
         Generation(0)
