@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--repetition-penalty", type=float, default=1.3)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("train", help="train a stage: ae or keft")
-    p.add_argument("stage", choices=["ae", "keft"])
+    p = sub.add_parser("train", help="train a stage: warmup (token probe), ae or keft")
+    p.add_argument("stage", choices=["warmup", "ae", "keft"])
     p.add_argument("--config", action="append", help="TOML file(s) of options, applied in order")
     p.epilog = "Any key=value after the options overrides a TrainConfig field, e.g. lr=3e-4 max_steps=100."
     p.set_defaults(func=cmd_train)

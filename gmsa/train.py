@@ -1,4 +1,5 @@
-"""Training both GMSA stages: ``ae`` (reconstruct the context) and ``keft`` (answer questions).
+"""Training the GMSA stages: ``ae`` (reconstruct the context) and ``keft`` (answer questions),
+plus ``warmup``, a cheap token-probe objective that can precede ``ae`` (``gmsa/warmup.py``).
 
 Resumable: ``out_dir/state.pt`` holds trained weights, optimizer, scheduler, step, data
 position and RNG; ``out_dir/model/`` is the latest exported checkpoint; ``out_dir/metrics.jsonl``
@@ -28,6 +29,9 @@ from .config import GMSAConfig
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
 from .metrics import bleu
 from .model import enable_decoder_tuning, set_stage, trained_state_dict
+from .warmup import TokenProbe, probe_accuracy, probe_loss
+
+STAGES = ("warmup", "ae", "keft")
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +145,7 @@ def build_model(cfg: TrainConfig) -> GMSA:
 
 def load_examples(cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int) -> list[Example]:
     rows = read_jsonl(path)
-    if cfg.stage == "ae":
+    if cfg.stage in {"warmup", "ae"}:
         return autoencoder_examples(rows, gmsa.tokenizer, gmsa.config.ae_prompt, max_tokens, cfg.min_tokens)
     return qa_examples(rows, gmsa.tokenizer, max_tokens)
 
@@ -150,8 +154,8 @@ class Trainer:
     """One training run; ``run()`` resumes from ``out_dir/state.pt`` when it exists."""
 
     def __init__(self, cfg: TrainConfig):
-        if cfg.stage not in {"ae", "keft"}:
-            raise ValueError(f"stage must be ae or keft, got {cfg.stage!r}")
+        if cfg.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +164,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.gmsa = build_model(cfg)
         self.model = self.gmsa.model
-        set_stage(self.model, cfg.stage)
+        set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage)
+        self.probe = TokenProbe(self.model.hidden_size, max(cfg.rates)) if cfg.stage == "warmup" else None
         if cfg.grad_checkpointing:
             for stack in (self.model.encoder, self.model.decoder):
                 stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -180,6 +185,8 @@ class Trainer:
         lsa = [p for p in self.model.lsa.parameters() if p.requires_grad]
         lsa_ids = {id(p) for p in lsa}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in lsa_ids]
+        if self.probe is not None:
+            rest += list(self.probe.parameters())
         groups = [{"params": rest, "lr": self.cfg.lr}]
         if lsa:
             groups.append({"params": lsa, "lr": self.cfg.lsa_lr or self.cfg.lr})
@@ -205,6 +212,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "config": dataclasses.asdict(self.cfg),
         }
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
         tmp = self.out / "state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.out / "state.pt")
@@ -216,6 +225,8 @@ class Trainer:
             return False
         state = torch.load(path, weights_only=False)
         load_trained(self.model, state["trained"], path)
+        if self.probe is not None:
+            self.probe.load_state_dict(state["probe"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
@@ -232,12 +243,17 @@ class Trainer:
             handle.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ loop
+    def loss(self, batch: dict) -> torch.Tensor:
+        if self.probe is not None:
+            return probe_loss(self.model, self.probe, batch)
+        return self.model(**batch)
+
     def train_step(self, batches: list[dict]) -> float:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
         total = 0.0
         for batch in batches:
             with autocast:
-                loss = self.model(**batch) / len(batches)
+                loss = self.loss(batch) / len(batches)
             loss.backward()
             total += loss.item()
             self.tokens_seen += int(batch["context_mask"].sum() + batch["target_mask"].sum())
@@ -256,7 +272,11 @@ class Trainer:
         for rate in self.cfg.rates:
             stream = BatchStream(self.val, self.cfg.batch_size, (rate,), self.gmsa.tokenizer.pad_token_id)
             batches = [next(iter(stream)) for _ in range(math.ceil(len(self.val) / self.cfg.batch_size))]
-            row[f"val_loss_x{rate}"] = sum(self.model(**b).item() for b in batches) / len(batches)
+            row[f"val_loss_x{rate}"] = sum(self.loss(b).item() for b in batches) / len(batches)
+            if self.probe is not None:
+                row[f"val_probe_acc_x{rate}"] = sum(probe_accuracy(self.model, self.probe, b) for b in batches) / len(
+                    batches
+                )
             if self.cfg.stage == "ae":
                 texts = self.gmsa.tokenizer.batch_decode([e.context for e in self.val])
                 compressed = self.gmsa.compress(texts, rate=rate)
