@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -22,10 +23,13 @@ from .chunking import check_window, length_sorted_batches, plan_windows, soft_to
 from .compressed import Compressed
 from .config import GMSAConfig
 from .data import pad
-from .decoding import greedy_generate
+from .decoding import greedy_texts
 from .merge import group_merge
 from .model import GMSAModel, Packed, trained_state_dict
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .engines import Engine
 
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "manifest.json"
@@ -82,6 +86,7 @@ class GMSA:
         self.checkpoint_id = checkpoint_id
         self._prompt_cache: dict[str, list[int]] = {}
         self._merged_encoder: tuple[tuple, nn.Module] | None = None
+        self.engine: Engine | None = None  # None: decode with self.model.decoder in this process
 
     @property
     def config(self) -> GMSAConfig:
@@ -281,23 +286,50 @@ class GMSA:
         return packed
 
     @torch.inference_mode()
+    def prompt_embeds(self, compressed: Compressed, questions: str | list[str]) -> list[torch.Tensor]:
+        """What :meth:`generate` feeds the decoder, per question, without padding (for an inference engine).
+
+        Row ``i`` is ``[soft tokens of context i; question i's tokens]`` embedded: a
+        ``(n_soft_i + n_prompt_i, H)`` tensor in the decoder's dtype, on the model's device.
+        """
+        questions = _as_text_list(questions, "questions")
+        return self._prompt_rows(self._paired(compressed, questions), questions)
+
+    def _prompt_rows(self, compressed: Compressed, prompts: list[str]) -> list[torch.Tensor]:
+        packed = self._decoder_prompt(compressed, prompts)
+        return [row[mask.bool()] for row, mask in zip(packed.inputs_embeds, packed.attention_mask)]
+
+    @torch.inference_mode()
     def _decode(
         self, compressed: Compressed, prompts: list[str], max_new_tokens: list[int], repetition_penalty: float
     ) -> list[str]:
+        if self.engine is not None:
+            return self.engine.generate(self._prompt_rows(compressed, prompts), max_new_tokens, repetition_penalty)
         packed = self._decoder_prompt(compressed, prompts)
-        output, _ = greedy_generate(
+        return greedy_texts(
             self.model.decoder,
+            self.tokenizer,
             packed.inputs_embeds,
             packed.attention_mask,
-            max(max_new_tokens),
-            repetition_penalty=repetition_penalty,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens,
+            repetition_penalty,
         )
-        return [
-            self.tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
-            for row, limit in zip(output.tolist(), max_new_tokens)
-        ]
+
+    @staticmethod
+    def _paired(compressed: Compressed, questions: list[str]) -> Compressed:
+        """One compressed context per question (a single context is shared by all of them)."""
+        if len(compressed) == 1 and len(questions) > 1:
+            compressed = Compressed(
+                compressed.soft_tokens * len(questions),
+                compressed.rates * len(questions),
+                compressed.n_tokens * len(questions),
+                compressed.backbone_fingerprint,
+                compressed.checkpoint_id,
+                compressed.gmsa_version,
+            )
+        if len(compressed) != len(questions):
+            raise ValueError(f"{len(questions)} questions for {len(compressed)} compressed contexts")
+        return compressed
 
     def generate(
         self,
@@ -310,20 +342,12 @@ class GMSA:
         """Answer questions from compressed contexts (greedy).
 
         ``questions[i]`` is asked of context ``i``; a single compressed context is shared by
-        all questions (compress once, ask many).
+        all questions (compress once, ask many). With ``self.engine`` set (see :mod:`gmsa.engines`)
+        the decoding runs there, from :meth:`prompt_embeds`; otherwise in this process.
         """
         questions = _as_text_list(questions, "questions")
-        if len(compressed) == 1 and len(questions) > 1:
-            compressed = Compressed(
-                compressed.soft_tokens * len(questions),
-                compressed.rates * len(questions),
-                compressed.n_tokens * len(questions),
-                compressed.backbone_fingerprint,
-                compressed.checkpoint_id,
-                compressed.gmsa_version,
-            )
-        if len(compressed) != len(questions):
-            raise ValueError(f"{len(questions)} questions for {len(compressed)} compressed contexts")
+        compressed = self._paired(compressed, questions)
+        batch_size = batch_size if self.engine is None else len(questions)  # an engine batches by itself
         answers: list[str] = []
         for start in range(0, len(questions), batch_size):
             part = slice(start, start + batch_size)

@@ -1,4 +1,4 @@
-"""The ``gmsa`` command line: compress, answer, reconstruct, train, data, demo."""
+"""The ``gmsa`` command line: compress, answer, reconstruct, export-decoder, train, data, demo."""
 
 from __future__ import annotations
 
@@ -57,9 +57,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_engine(args: argparse.Namespace, gmsa):
+    from .engines import engine_from_args
+
+    gmsa.engine = engine_from_args(args, gmsa)
+    return gmsa
+
+
 def cmd_answer(args: argparse.Namespace) -> int:
     gmsa = _load(args)
     compressed = _compressed_input(args, gmsa)
+    _with_engine(args, gmsa)
     answers = gmsa.generate(
         compressed, args.question, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty
     )
@@ -69,17 +77,31 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     gmsa = _load(args)
-    texts = gmsa.reconstruct(_compressed_input(args, gmsa))
+    compressed = _compressed_input(args, gmsa)
+    texts = _with_engine(args, gmsa).reconstruct(compressed)
     _emit(args, {"reconstructions": texts}, "\n\n".join(texts))
     return 0
 
 
+def cmd_export_decoder(args: argparse.Namespace) -> int:
+    from .engines import export_decoder
+
+    out = export_decoder(_load(args), args.out)
+    _emit(args, {"out": str(out)}, f"decoder written to {out} (serve it with: vllm serve {out} --enable-prompt-embeds)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .train import TrainConfig, Trainer
 
     overrides = [f"stage={json.dumps(args.stage)}"] + list(args.overrides)
     cfg = TrainConfig.from_sources(args.config or [], overrides)
-    Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        distributed.teardown(trainer.dist)
     return 0
 
 
@@ -101,6 +123,8 @@ def _window_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engines import add_engine_args
+
     parser = argparse.ArgumentParser(prog="gmsa", description="Compress long LLM contexts into soft tokens (GMSA).")
     parser.add_argument("--version", action="version", version=f"gmsa {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -125,11 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--context", help="a compressed context written by `gmsa compress`")
         p.add_argument("--rate", type=int, default=None)
         _window_args(p)
+        add_engine_args(p)
         if name == "answer":
             p.add_argument("-q", "--question", action="append", required=True, help="repeat for several")
             p.add_argument("--max-new-tokens", type=int, default=100)
             p.add_argument("--repetition-penalty", type=float, default=1.3)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("export-decoder", help="write the (KEFT-tuned) decoder as a HF model directory for vLLM")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_export_decoder)
 
     p = sub.add_parser("train", help="train a stage: warmup (token probe), ae or keft")
     p.add_argument("stage", choices=["warmup", "ae", "keft"])
@@ -159,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .engines import EngineUnavailableError
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
@@ -168,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         code = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+    except (ValueError, TypeError, FileNotFoundError, OSError, EngineUnavailableError) as err:
         print(f"gmsa: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

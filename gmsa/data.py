@@ -105,7 +105,12 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bu
 
 @dataclass
 class BatchStream:
-    """Endless, resumable stream of batches; ``position`` (epoch, index) is saved in checkpoints."""
+    """Endless, resumable stream of batches; ``position`` (epoch, index) is saved in checkpoints.
+
+    Under data parallelism every rank walks the same global batches of ``batch_size * world``
+    examples and keeps every ``world``-th one from ``rank`` on (similar lengths land on every
+    rank); a global batch too small to give each rank an example is skipped.
+    """
 
     examples: list[Example]
     batch_size: int
@@ -114,12 +119,18 @@ class BatchStream:
     seed: int = 0
     epoch: int = 0
     index: int = 0
+    rank: int = 0
+    world: int = 1
 
     def __post_init__(self) -> None:
         if not self.examples:
             raise ValueError("no training examples (check the data file and the length limits)")
         self._lengths = [len(e.context) + len(e.target) for e in self.examples]
-        self._batches = epoch_batches(self._lengths, self.batch_size, self.seed, self.epoch)
+        self._batches = self._epoch()
+
+    def _epoch(self) -> list[list[int]]:
+        batches = epoch_batches(self._lengths, self.batch_size * self.world, self.seed, self.epoch)
+        return [b for b in batches if len(b) >= self.world]
 
     @property
     def position(self) -> dict:
@@ -127,7 +138,7 @@ class BatchStream:
 
     def seek(self, position: dict) -> None:
         self.epoch, self.index = position["epoch"], position["index"]
-        self._batches = epoch_batches(self._lengths, self.batch_size, self.seed, self.epoch)
+        self._batches = self._epoch()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -137,4 +148,5 @@ class BatchStream:
             rng = random.Random(hash((self.seed, self.epoch, self.index)))
             rates = [rng.choice(self.rates) for _ in batch]
             self.index += 1
-            yield collate(batch, rates, self.pad_id)
+            shard = slice(self.rank, None, self.world)
+            yield collate(batch[shard], rates[shard], self.pad_id)

@@ -146,3 +146,30 @@ def greedy_generate(
         )
         next_position = next_position + 1
     return generated, cache
+
+
+def greedy_texts(
+    decoder: PreTrainedModel,
+    tokenizer,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: list[int],
+    repetition_penalty: float = 1.0,
+) -> list[str]:
+    """Greedy answers as text: ``(B, T, H)`` left-padded embeds + ``(B, T)`` mask -> ``B`` strings.
+
+    Row ``i`` keeps at most ``max_new_tokens[i]`` tokens, cut at the tokenizer's EOS.
+    """
+    output, _ = greedy_generate(
+        decoder,
+        inputs_embeds,
+        attention_mask,
+        max(max_new_tokens),
+        repetition_penalty=repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return [
+        tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
+        for row, limit in zip(output.tolist(), max_new_tokens)
+    ]

@@ -191,8 +191,9 @@ class GMSAModel(nn.Module):
         prompt_mask: torch.Tensor,
         target_ids: torch.Tensor,
         target_mask: torch.Tensor,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Mean cross entropy over all real target tokens of the batch (a scalar)."""
+        """Cross entropy over all real target tokens of the batch: their mean (or ``"sum"``), a scalar."""
         soft, soft_mask = self.compress(context_ids, context_mask, rates)
         packed = self.decoder_inputs(soft, soft_mask, [(prompt_ids, prompt_mask), (target_ids, target_mask)])
         hidden = base_model(self.decoder)(
@@ -201,7 +202,7 @@ class GMSAModel(nn.Module):
         rows, cols = target_positions(packed.lengths, target_mask.sum(dim=1))
         logits = self.decoder.get_output_embeddings()(hidden[rows, cols - 1])
         logits = soft_cap(logits, getattr(self.decoder.config, "final_logit_softcapping", None))
-        return F.cross_entropy(logits.float(), target_ids[target_mask.bool()])
+        return F.cross_entropy(logits.float(), target_ids[target_mask.bool()], reduction=reduction)
 
 
 def target_positions(lengths: torch.Tensor, n_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

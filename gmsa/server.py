@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .api import GMSA
+from .engines import add_engine_args, engine_from_args
 from .serving.guards import BodyLimitMiddleware, install_error_handlers, require_api_key
 from .serving.metrics import RequestMetrics
 from .serving.schemas import (
@@ -151,6 +152,7 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
                 "checkpoint_id": service.gmsa.checkpoint_id,
                 "backbone": service.gmsa.config.backbone,
                 "backbone_fingerprint": service.gmsa.config.backbone_fingerprint,
+                "engine": getattr(service.gmsa.engine, "name", "hf"),
             },
         }
 
@@ -231,6 +233,7 @@ def register(subparsers) -> None:
     p.add_argument("--backbone", default=None, help="load the backbone from this local directory instead")
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_engine_args(p)
     for option in setting_fields():
         kind = float if isinstance(option.default, float) else int
         help_text = f"{option.metadata['help']} (default: {option.default})"
@@ -265,7 +268,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"gmsa serve: error: {err}", file=sys.stderr)
         return 2
     try:
-        app = create_app(GMSA.from_pretrained(args.model, backbone=args.backbone), store, settings, close_store=True)
+        gmsa = GMSA.from_pretrained(args.model, backbone=args.backbone)
+        gmsa.engine = engine_from_args(args, gmsa)
+        app = create_app(gmsa, store, settings, close_store=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     finally:
         store.close()  # uvicorn re-raises SIGTERM/SIGINT after its shutdown, so the app's lifespan closes it too

