@@ -24,6 +24,7 @@ from .compressed import Compressed
 from .config import GMSAConfig
 from .data import pad
 from .decoding import greedy_texts
+from .distributed import shard_like
 from .merge import group_merge
 from .model import GMSAModel, Packed, trained_state_dict
 from .version import __version__
@@ -137,13 +138,22 @@ class GMSA:
         load_trained(model, weights, directory)
         return cls(model.to(device), tokenizer, checkpoint_id=file_sha256(directory / WEIGHTS_NAME)[:16])
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16) -> None:
-        """Save only the trained parts (encoder LoRA, LSA, tuned decoder) + config, atomically."""
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        dtype: torch.dtype | None = torch.bfloat16,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Save only the trained parts (encoder LoRA, LSA, tuned decoder) + config, atomically.
+
+        ``weights`` replaces ``trained_state_dict(self.model)``, e.g. full tensors gathered from FSDP shards.
+        """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        weights = trained_state_dict(self.model) if weights is None else weights
         try:
-            state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in trained_state_dict(self.model).items()}
+            state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in weights.items()}
             save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "gmsa_version": __version__})
             self.config.save(staging)
             manifest = {"gmsa_version": __version__, "sha256": {WEIGHTS_NAME: file_sha256(staging / WEIGHTS_NAME)}}
@@ -415,4 +425,4 @@ def load_trained(model: GMSAModel, weights: dict[str, torch.Tensor], source: obj
                 raise CheckpointError(
                     f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {tuple(tensor.shape)}"
                 )
-            tensor.copy_(weights[name])
+            tensor.copy_(shard_like(weights[name], tensor))  # this rank's shard under FSDP

@@ -3,7 +3,8 @@ plus ``warmup``, a cheap token-probe objective that can precede ``ae`` (``gmsa/w
 
 Resumable: ``out_dir/state.pt`` holds trained weights, optimizer, scheduler, step, data
 position and RNG; ``out_dir/model/`` is the latest exported checkpoint; ``out_dir/metrics.jsonl``
-gets one row per step and one per validation.
+gets one row per step and one per validation. Under ``torchrun`` it trains data-parallel with
+DDP or FSDP2 (``parallel``); the checkpoint format is the same for all three (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from .api import GMSA, load_trained
 from .config import GMSAConfig
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
 from .metrics import bleu
-from .model import enable_decoder_tuning, set_stage, trained_state_dict
+from .model import base_model, enable_decoder_tuning, set_stage, trained_state_dict
 from .warmup import TokenProbe, probe_accuracy, probe_loss
 
 STAGES = ("warmup", "ae", "keft")
+PARALLEL = ("ddp", "fsdp")
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     device: str = "auto"  # auto = this rank's GPU if there is one, else cpu
+    parallel: str = "ddp"  # under torchrun: "ddp" (a full copy per rank) or "fsdp" (params, grads, Adam sharded)
 
     @classmethod
     def from_sources(cls, files: list[str] = (), overrides: list[str] = ()) -> TrainConfig:
@@ -180,22 +183,26 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         if cfg.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+        if cfg.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dist = distributed.setup(cfg.device)
+        # FSDP moves the model to the GPU itself, one shard group at a time
+        self.sharded = cfg.parallel == "fsdp" and self.dist.active
         torch.manual_seed(cfg.seed)
         self.gmsa = build_model(cfg)
-        self.model = self.gmsa.model.to(self.dist.device)
+        self.model = self.gmsa.model if self.sharded else self.gmsa.model.to(self.dist.device)
         set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage)
         self.probe = TokenProbe.for_model(self.model, max(cfg.rates)) if cfg.stage == "warmup" else None
-        self.objective = Objective(self.model, self.probe).to(self.dist.device)
-        self.engine = self._wrap(self.objective)
         if cfg.grad_checkpointing:
             for stack in (self.model.encoder, self.model.decoder):
                 stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.objective = Objective(self.model, self.probe)
+        self.engine = self._wrap(self.objective if self.sharded else self.objective.to(self.dist.device))
         self.examples = load_examples(cfg, cfg.data, self.gmsa, cfg.max_tokens)
         self.val = load_examples(cfg, cfg.val_data, self.gmsa, cfg.eval_max_tokens)[: cfg.eval_examples]
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay)
@@ -209,15 +216,22 @@ class Trainer:
         self.stream = self._stream(self.cap)
 
     def _wrap(self, objective: Objective) -> nn.Module:
-        """DDP around the objective when torchrun started several ranks; the objective itself otherwise."""
+        """DDP or FSDP2 around the objective when torchrun started several ranks; the objective itself otherwise."""
         if not self.dist.active:
             return objective
+        if self.sharded:
+            return distributed.fully_sharded(objective, self._shard_units(), self.dist, self.cfg.dtype == "bfloat16")
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         # The warm-up probe's slots for the larger rates go unused in batches of small rates.
         unused = self.cfg.stage == "warmup"
         return DistributedDataParallel(
             objective, device_ids=device_ids, forward_sync_buffers=False, find_unused_parameters=unused
         )
+
+    def _shard_units(self) -> list[nn.Module]:
+        """FSDP's shard groups: every encoder and decoder layer, and the LSA blocks (the root holds the rest)."""
+        lsa = [self.model.lsa.blocks] if self.model.lsa.blocks is not None else []
+        return [*self.model.encoder.layers, *lsa, *base_model(self.model.decoder).layers]
 
     def _param_groups(self) -> list[dict]:
         lsa = [p for p in self.model.lsa.parameters() if p.requires_grad]
@@ -245,11 +259,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
+        """Rank 0 writes ``state.pt`` and ``model/``; under FSDP every rank first helps gather the full tensors."""
+        if not (self.dist.is_main or self.sharded):
+            return
+        trained = distributed.gathered(trained_state_dict(self.model))
+        optimizer = distributed.gathered(self.optimizer.state_dict())
+        probe = distributed.gathered(self.probe.state_dict()) if self.probe is not None else None
         if not self.dist.is_main:
             return
         state = {
-            "trained": trained_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "trained": trained,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "elapsed": self.elapsed,
@@ -259,22 +279,24 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "config": dataclasses.asdict(self.cfg),
         }
-        if self.probe is not None:
-            state["probe"] = self.probe.state_dict()
+        if probe is not None:
+            state["probe"] = probe
         tmp = self.out / "state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.out / "state.pt")
-        self.gmsa.save_pretrained(self.out / "model")
+        self.gmsa.save_pretrained(self.out / "model", weights=trained)
 
     def resume(self) -> bool:
         path = self.out / "state.pt"
         if not path.is_file():
             return False
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         load_trained(self.model, state["trained"], path)
         if self.probe is not None:
-            self.probe.load_state_dict(state["probe"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            ours = self.probe.state_dict()
+            self.probe.load_state_dict({k: distributed.shard_like(v, ours[k]) for k, v in state["probe"].items()})
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], params))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
         self.cap = state["cap"]
@@ -307,9 +329,7 @@ class Trainer:
         scale = self.dist.world / max(total, 1.0)
         summed = 0.0
         for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = self.engine.no_sync() if self.dist.active and not last else nullcontext()
-            with sync, autocast:
+            with self._gradient_sync(i == len(batches) - 1), autocast:
                 loss = self.engine(batch) * scale
             loss.backward()
             summed += loss.item()
@@ -320,16 +340,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return self.dist.sum([summed])[0] / self.dist.world
 
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced over ranks only on the last micro-batch of a step."""
+        if not self.dist.active:
+            return nullcontext()
+        if self.sharded:
+            self.engine.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.engine.no_sync()
+
     @torch.no_grad()
     def validate(self) -> dict:
-        """Validation loss and greedy reconstruction BLEU (AE) on the fixed validation examples."""
+        """Validation loss and greedy reconstruction BLEU (AE) on the fixed validation examples.
+
+        Under FSDP every rank runs it (the parameters are sharded): the loss only, through the
+        sharded model; BLEU and probe accuracy need the whole model in one process and are skipped.
+        """
         self.model.eval()
+        scorer = self.engine if self.sharded else self.objective
         row: dict = {"step": self.step, "elapsed_s": round(self.elapsed, 1), "tokens_seen": self.tokens_seen}
         for rate in self.cfg.rates:
             stream = BatchStream(self.val, self.cfg.batch_size, (rate,), self.gmsa.tokenizer.pad_token_id)
             batches = [next(iter(stream)) for _ in range(math.ceil(len(self.val) / self.cfg.batch_size))]
             batches = [self._to_device(b) for b in batches]
-            row[f"val_loss_x{rate}"] = sum(self.objective(b, reduction="mean").item() for b in batches) / len(batches)
+            row[f"val_loss_x{rate}"] = sum(scorer(b, reduction="mean").item() for b in batches) / len(batches)
+            if self.sharded:
+                continue
             if self.probe is not None:
                 row[f"val_probe_acc_x{rate}"] = sum(probe_accuracy(self.model, self.probe, b) for b in batches) / len(
                     batches
@@ -339,6 +375,8 @@ class Trainer:
                 compressed = self.gmsa.compress(texts, rate=rate)
                 row[f"val_bleu_x{rate}"] = bleu(self.gmsa.reconstruct(compressed), texts)
         self.model.train()
+        if self.sharded:
+            distributed.reshard(self.engine)
         return row
 
     def _request_stop(self, signum, frame) -> None:
@@ -384,10 +422,11 @@ class Trainer:
             )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", cap=self.cap)
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.dist.is_main:
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and (self.dist.is_main or self.sharded):
                 row = self.validate()
                 self.log_row(row)
-                bar.write(json.dumps(row))
+                if self.dist.is_main:
+                    bar.write(json.dumps(row))
             out_of_time = self.cfg.max_minutes and self.elapsed - base_elapsed > 60 * self.cfg.max_minutes
             stopping = self.dist.any(out_of_time or self.step == self.cfg.stop_at_step or self.stop_requested)
             if time.time() - last_save > 60 * self.cfg.save_every_min or stopping:

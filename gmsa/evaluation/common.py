@@ -7,7 +7,7 @@ import json
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -250,3 +250,38 @@ def run_cached(
         )
         bar.update(len(batch))
     return [cache.get(key) for key in keys]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def cost_summary(rows: list[dict]) -> dict:
+    """Mean tokens the decoder read, tokens of the original context, and seconds per example."""
+    return {
+        "context_tokens": mean([row["context_tokens"] for row in rows]),
+        "original_tokens": mean([row["n_tokens"] for row in rows]),
+        "seconds_per_example": mean([row["seconds"] for row in rows]),
+    }
+
+
+def run_plan(
+    task: str,
+    plan: list[tuple],
+    examples: list[Example],
+    cache_dir: str | Path,
+    batch_size: int,
+    call: Callable[[object, list[Example], int | None], list[Output]],
+) -> Iterator[tuple[object, str, int | None, list[dict]]]:
+    """For each ``(method, label, rate)`` of ``plan``: its outputs on every example, cached per method.
+
+    ``call(method, batch, rate)`` runs one batch; one progress bar covers the whole plan.
+    """
+    with tqdm(total=len(plan) * len(examples), desc=f"eval {task}", unit="ex", dynamic_ncols=True) as bar:
+        for method, label, rate in plan:
+            bar.set_postfix_str(f"{method.name} x{rate or '-'}")
+            cache = ResultCache(cache_dir, task, method.name, method.cache_id)
+            outputs = run_cached(
+                lambda batch, m=method, r=rate: call(m, batch, r), cache, examples, rate, batch_size, bar
+            )
+            yield method, label, rate, outputs

@@ -12,13 +12,11 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..api import GMSA
 from ..config import GMSAConfig
 from ..metrics import qa_scores
-from .baselines import BASELINES, Generation, GMSAMethod, LLMLingua, Method, Uncompressed
-from .common import Example, ResultCache, run_cached
+from .baselines import BASELINES, Generation, GMSAMethod, LLMLingua, Method, Output, Uncompressed
+from .common import Example, cost_summary, mean, run_plan
 
 PRIMARY_METRIC = "contains"
 QA_METRICS = ("contains", "em", "f1")
@@ -61,10 +59,6 @@ def build_qa_methods(
     return methods
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 def standard_error(values: list[float]) -> float:
     """Standard error of the mean (sample standard deviation / sqrt(n)); 0 for fewer than 2 values."""
     if len(values) < 2:
@@ -79,10 +73,7 @@ def aggregate_qa(rows: list[dict]) -> dict:
     for name in QA_METRICS:
         summary[name] = 100 * mean([row["scores"][name] for row in rows])
     summary[f"{PRIMARY_METRIC}_se"] = 100 * standard_error([row["scores"][PRIMARY_METRIC] for row in rows])
-    summary["context_tokens"] = mean([row["context_tokens"] for row in rows])
-    summary["original_tokens"] = mean([row["n_tokens"] for row in rows])
-    summary["seconds_per_example"] = mean([row["seconds"] for row in rows])
-    return summary
+    return summary | cost_summary(rows)
 
 
 def evaluate_qa(
@@ -95,22 +86,15 @@ def evaluate_qa(
     """Run every method at every rate (once for rate-independent ones); return results and predictions."""
     plan = [(m, label, rate) for m, label in methods for rate in (rates if m.rate_dependent else [None])]
     results, predictions = [], []
-    with tqdm(total=len(plan) * len(examples), desc="eval qa", unit="ex", dynamic_ncols=True) as bar:
-        for method, label, rate in plan:
-            bar.set_postfix_str(f"{method.name} x{rate or '-'}")
-            cache = ResultCache(cache_dir, "qa", method.name, method.cache_id)
-            outputs = run_cached(
-                lambda batch, m=method, r=rate: m.run([e.context for e in batch], [e.question for e in batch], r or 1),
-                cache,
-                examples,
-                rate,
-                batch_size,
-                bar,
-            )
-            rows = [_prediction(method, rate, example, output) for example, output in zip(examples, outputs)]
-            predictions += rows
-            results.append(_result(method, label, rate, rows))
+    for method, label, rate, outputs in run_plan("qa", plan, examples, cache_dir, batch_size, _answer):
+        rows = [_prediction(method, rate, example, output) for example, output in zip(examples, outputs)]
+        predictions += rows
+        results.append(_result(method, label, rate, rows))
     return results, predictions
+
+
+def _answer(method: Method, batch: list[Example], rate: int | None) -> list[Output]:
+    return method.run([e.context for e in batch], [e.question for e in batch], rate or 1)
 
 
 def _prediction(method: Method, rate: int | None, example: Example, output: dict) -> dict:

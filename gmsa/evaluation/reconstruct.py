@@ -10,12 +10,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..metrics import ROUGE_TYPES, bleu, prefix_exact_match, rouge, semantic_available, semantic_similarity
-from .baselines import GMSAMethod
-from .common import LENGTH_BUCKETS, OVER_BUCKETS, Example, ResultCache, run_cached
-from .qa import mean
+from .baselines import GMSAMethod, Output
+from .common import LENGTH_BUCKETS, OVER_BUCKETS, Example, cost_summary, mean, run_plan
 
 RECONSTRUCT_METRICS = ("bleu", "prefix_em", *ROUGE_TYPES, "semantic")
 BUCKET_ORDER = [name for name, _, _ in LENGTH_BUCKETS] + [OVER_BUCKETS]
@@ -28,10 +25,7 @@ def aggregate_reconstruct(rows: list[dict]) -> dict:
         values = [r["scores"][name] for r in rows if name in r["scores"]]
         if values:
             summary[name] = mean(values)
-    summary["context_tokens"] = mean([r["context_tokens"] for r in rows])
-    summary["original_tokens"] = mean([r["n_tokens"] for r in rows])
-    summary["seconds_per_example"] = mean([r["seconds"] for r in rows])
-    return summary
+    return summary | cost_summary(rows)
 
 
 def evaluate_reconstruct(
@@ -49,26 +43,19 @@ def evaluate_reconstruct(
         semantic = False
     plan = [(method, label, rate) for method, label in methods for rate in rates]
     results, predictions = [], []
-    with tqdm(total=len(plan) * len(examples), desc="eval reconstruct", unit="ex", dynamic_ncols=True) as bar:
-        for method, label, rate in plan:
-            bar.set_postfix_str(f"{method.name} x{rate}")
-            cache = ResultCache(cache_dir, "reconstruct", method.name, method.cache_id)
-            outputs = run_cached(
-                lambda batch, m=method, r=rate: m.reconstruct([e.context for e in batch], r),
-                cache,
-                examples,
-                rate,
-                batch_size,
-                bar,
-            )
-            rows = [_prediction(method, rate, e, o) for e, o in zip(examples, outputs)]
-            if semantic:
-                scores = semantic_similarity([r["output"] for r in rows], [r["reference"] for r in rows])
-                for row, score in zip(rows, scores):
-                    row["scores"]["semantic"] = score
-            predictions += rows
-            results.append(_result(method, label, rate, rows))
+    for method, label, rate, outputs in run_plan("reconstruct", plan, examples, cache_dir, batch_size, _restate):
+        rows = [_prediction(method, rate, e, o) for e, o in zip(examples, outputs)]
+        if semantic:
+            scores = semantic_similarity([r["output"] for r in rows], [r["reference"] for r in rows])
+            for row, score in zip(rows, scores):
+                row["scores"]["semantic"] = score
+        predictions += rows
+        results.append(_result(method, label, rate, rows))
     return results, predictions, notes
+
+
+def _restate(method: GMSAMethod, batch: list[Example], rate: int) -> list[Output]:
+    return method.reconstruct([e.context for e in batch], rate)
 
 
 def _prediction(method: GMSAMethod, rate: int, example: Example, output: dict) -> dict:
