@@ -26,7 +26,7 @@ from .data import pad
 from .decoding import greedy_texts
 from .distributed import shard_like
 from .merge import group_merge
-from .model import GMSAModel, Packed, trained_state_dict
+from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -366,12 +366,16 @@ class GMSA:
         return answers
 
     def reconstruct(self, compressed: Compressed, batch_size: int = 8, slack: float = 1.25) -> list[str]:
-        """Ask the decoder to restate each compressed text (AE prompt, greedy, no penalty)."""
+        """Ask the decoder to restate each compressed text (AE prompt, greedy, no penalty).
+
+        A KEFT decoder LoRA is switched off meanwhile: restating is the AE stage's task.
+        """
         texts: list[str] = []
-        for start in range(0, len(compressed), batch_size):
-            part = compressed[start : start + batch_size]
-            limits = [int(n * slack) + 8 for n in part.n_tokens]
-            texts += self._decode(part, [self.config.ae_prompt] * len(part), limits, 1.0)
+        with autoencoder_decoder(self.model):
+            for start in range(0, len(compressed), batch_size):
+                part = compressed[start : start + batch_size]
+                limits = [int(n * slack) + 8 for n in part.n_tokens]
+                texts += self._decode(part, [self.config.ae_prompt] * len(part), limits, 1.0)
         return texts
 
 

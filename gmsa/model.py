@@ -14,11 +14,14 @@ Read top to bottom:
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -282,3 +285,20 @@ def trained_state_dict(model: GMSAModel) -> dict[str, torch.Tensor]:
     decoder_params = dict(model.decoder.named_parameters())
     state |= {f"decoder.{n}": decoder_params[n] for n in decoder_tuned_names(model)}
     return {name: tensor.detach() for name, tensor in state.items()}
+
+
+@contextmanager
+def autoencoder_decoder(model: GMSAModel) -> Iterator[None]:
+    """Run the decoder as the AE stage trained it: a KEFT decoder LoRA is switched off meanwhile.
+
+    KEFT teaches the decoder to answer briefly, which makes it stop restating a context at once;
+    a LoRA can be switched off, Q/K/V or full tuning cannot (then this changes nothing).
+    """
+    adapters = [m for m in model.decoder.modules() if isinstance(m, BaseTunerLayer)]
+    for module in adapters:
+        module.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for module in adapters:
+            module.enable_adapters(True)

@@ -32,8 +32,11 @@ def smooth(values: list[float], window: int = 20) -> list[float]:
 
 
 def plot(metrics: str | Path, out: str | Path) -> None:
+    """Loss (left) and, when the run measured it (AE), validation BLEU (right)."""
     train, val = latest_rows(read_jsonl(metrics))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    bleu_keys = sorted({k for r in val for k in r if k.startswith("val_bleu")})
+    fig, axes = plt.subplots(1, 2 if bleu_keys else 1, figsize=(11 if bleu_keys else 6, 4), squeeze=False)
+    left = axes[0][0]
     steps = [r["step"] for r in train]
     left.plot(steps, [r["loss"] for r in train], alpha=0.3, label="loss")
     left.plot(steps, smooth([r["loss"] for r in train]), label="loss (20-step mean)")
@@ -42,11 +45,13 @@ def plot(metrics: str | Path, out: str | Path) -> None:
     left.set_xlabel("step")
     left.set_ylabel("cross entropy")
     left.legend()
-    for key in sorted({k for r in val for k in r if k.startswith("val_bleu")}):
-        right.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
-    right.set_xlabel("step")
-    right.set_ylabel("validation reconstruction BLEU")
-    right.legend()
+    if bleu_keys:
+        right = axes[0][1]
+        for key in bleu_keys:
+            right.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+        right.set_xlabel("step")
+        right.set_ylabel("validation reconstruction BLEU")
+        right.legend()
     fig.suptitle(f"{metrics}")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)

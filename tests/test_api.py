@@ -145,3 +145,21 @@ def test_uncompressed_baseline_is_rate_one(tiny_gmsa):
     baseline = tiny_gmsa.uncompressed(TEXTS)
     assert baseline.n_soft_tokens == baseline.n_tokens == [10, 11]
     assert len(tiny_gmsa.generate(baseline, ["a?", "b?"], max_new_tokens=2)) == 2
+
+
+def test_reconstruct_switches_a_keft_decoder_lora_off(make_gmsa, backbone_dir):
+    from gmsa.model import enable_decoder_tuning
+
+    gmsa = make_gmsa(backbone_dir)
+    ctx = gmsa.compress(["The quick brown fox jumps over the lazy dog."], rate=2)
+    before = gmsa.reconstruct(ctx)
+    logits_before = gmsa.model.decoder(inputs_embeds=ctx.soft_tokens[0][None]).logits
+    enable_decoder_tuning(gmsa.model, "lora")
+    with torch.no_grad():
+        for name, param in gmsa.model.decoder.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    assert not torch.allclose(gmsa.model.decoder(inputs_embeds=ctx.soft_tokens[0][None]).logits, logits_before)
+    assert gmsa.reconstruct(ctx) == before
+    after = gmsa.model.decoder(inputs_embeds=ctx.soft_tokens[0][None]).logits
+    assert not torch.allclose(after, logits_before), "the LoRA must be back on after reconstruct"
