@@ -118,7 +118,8 @@ def fingerprint(model: PreTrainedModel) -> str:
     norms) rather than every weight: cheap, and it tells apart any two real models.
     """
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    named = dict(model.named_parameters())
+    # A KEFT decoder LoRA (peft) renames the wrapped weights and adds its own: ignore both.
+    named = {k.replace(".base_layer", ""): v for k, v in model.named_parameters() if "lora_" not in k}
     keys = sorted(named)
     for key in [k for k in keys if "embed" in k][:1] + keys[:2] + keys[-2:]:
         digest.update(key.encode())

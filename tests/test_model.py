@@ -110,3 +110,13 @@ def test_lsa_ablations_build_and_run(backbone_dir, variant, make_gmsa):
     batch, _ = _batch(gmsa, TEXTS, [4, 4, 4])
     loss = gmsa.model(**batch)
     assert torch.isfinite(loss)
+
+
+def test_backbone_fingerprint_ignores_a_decoder_lora(make_gmsa, backbone_dir):
+    from gmsa.backbone import fingerprint
+    from gmsa.model import enable_decoder_tuning
+
+    gmsa = make_gmsa(backbone_dir)
+    before = fingerprint(gmsa.model.decoder)
+    enable_decoder_tuning(gmsa.model, "lora")
+    assert fingerprint(gmsa.model.decoder) == before == gmsa.config.backbone_fingerprint
