@@ -182,13 +182,17 @@ def qa_rows(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     progress: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Assign QA items to splits by their passage id, dropping duplicate (context, question) pairs."""
+    """Assign QA items to splits by their passage id.
+
+    Drops duplicate (context, question) pairs and unusable items: an empty question (one
+    BIG-bench Disfl-QA row has one) or no non-empty answer.
+    """
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     seen: set[tuple[str, str]] = set()
     n_cache: dict[str, int] = {}
     for it in tqdm(items, desc="qa", unit="q", disable=not progress):
         key = (it.doc_id, dedup_key(it.question))
-        if key in seen or not it.answers:
+        if key in seen or not it.question.strip() or not any(a.strip() for a in it.answers):
             continue
         seen.add(key)
         split = "test" if it.source in eval_only_sources else assign_split(it.doc_id, seed, fractions, forced_test)

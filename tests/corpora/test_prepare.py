@@ -104,6 +104,19 @@ def test_shared_passage_follows_eval_only_source_to_test() -> None:
     assert not rows["train"] and not rows["val"] and len(rows["test"]) == 100
 
 
+def test_items_without_a_question_or_an_answer_are_dropped() -> None:
+    from gmsa.corpora.base import QAItem
+    from gmsa.corpora.prepare import qa_rows
+
+    items = [
+        QAItem("ctx", "", ("nearly $41 trillion",), "coqa", "d/1"),
+        QAItem("ctx", "what?", ("", " "), "coqa", "d/2"),
+        QAItem("ctx", "how?", ("fine",), "coqa", "d/3"),
+    ]
+    rows = qa_rows(items, words, 0, set(), {"coqa"}, progress=False)
+    assert [r["question"] for r in rows["test"]] == ["how?"]
+
+
 def test_token_counter_uses_encode_without_special_tokens() -> None:
     from gmsa.corpora.prepare import token_counter
 
