@@ -22,6 +22,7 @@ import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import mean
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from .config import GMSAConfig
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
 from .metrics import bleu
 from .model import base_model, enable_decoder_tuning, set_stage, trained_state_dict
-from .warmup import TokenProbe, probe_accuracy, probe_loss
+from .warmup import TokenProbe, probe_loss, probe_scores
 
 STAGES = ("warmup", "ae", "keft")
 PARALLEL = ("ddp", "fsdp")
@@ -148,6 +149,8 @@ def build_model(cfg: TrainConfig) -> GMSA:
     if not cfg.init:
         return GMSA.from_backbone(cfg.backbone, cfg.model_config())
     start = GMSA.from_pretrained(cfg.init)
+    # the encoder window must cover the longest context this stage trains on, as for a fresh model
+    start.config.max_context_tokens = max(start.config.max_context_tokens, cfg.max_tokens)
     if cfg.stage == "keft":
         enable_decoder_tuning(start.model, cfg.decoder_tuning)
     return start
@@ -363,13 +366,13 @@ class Trainer:
             stream = BatchStream(self.val, self.cfg.batch_size, (rate,), self.gmsa.tokenizer.pad_token_id)
             batches = [next(iter(stream)) for _ in range(math.ceil(len(self.val) / self.cfg.batch_size))]
             batches = [self._to_device(b) for b in batches]
-            row[f"val_loss_x{rate}"] = sum(scorer(b, reduction="mean").item() for b in batches) / len(batches)
+            if self.probe is not None and not self.sharded:
+                losses, accuracies = zip(*(probe_scores(self.model, self.probe, b) for b in batches))
+                row[f"val_loss_x{rate}"], row[f"val_probe_acc_x{rate}"] = mean(losses), mean(accuracies)
+                continue
+            row[f"val_loss_x{rate}"] = mean([scorer(b, reduction="mean").item() for b in batches])
             if self.sharded:
                 continue
-            if self.probe is not None:
-                row[f"val_probe_acc_x{rate}"] = sum(probe_accuracy(self.model, self.probe, b) for b in batches) / len(
-                    batches
-                )
             if self.cfg.stage == "ae":
                 texts = self.gmsa.tokenizer.batch_decode([e.context for e in self.val])
                 compressed = self.gmsa.compress(texts, rate=rate)

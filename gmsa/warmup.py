@@ -89,5 +89,12 @@ def probe_loss(
 @torch.no_grad()
 def probe_accuracy(model: GMSAModel, probe: TokenProbe, batch: dict[str, torch.Tensor]) -> float:
     """Share of context tokens the probe names exactly (argmax)."""
+    return probe_scores(model, probe, batch)[1]
+
+
+@torch.no_grad()
+def probe_scores(model: GMSAModel, probe: TokenProbe, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Mean cross entropy and accuracy of the probe from one compression of the batch (for validation)."""
     logits, targets = probe_logits(model, probe, batch)
-    return float((logits.argmax(dim=-1) == targets).float().mean())
+    loss = F.cross_entropy(logits.float(), targets)
+    return float(loss), float((logits.argmax(dim=-1) == targets).float().mean())

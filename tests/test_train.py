@@ -108,8 +108,10 @@ def test_keft_from_ae_checkpoint_trains_only_the_decoder(backbone_dir, ae_files,
         init=str(tmp_path / "ae" / "model"),
         decoder_tuning="qkv",
         max_steps=2,
+        max_tokens=4096,
     )
     trainer = Trainer(cfg)
+    assert trainer.gmsa.config.max_context_tokens == 4096  # the AE checkpoint's window was 2048
     lsa_before = {n: p.clone() for n, p in trainer.model.lsa.named_parameters()}
     trainer.run()
     assert all(torch.equal(p, lsa_before[n]) for n, p in trainer.model.lsa.named_parameters())

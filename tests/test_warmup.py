@@ -1,11 +1,12 @@
 import json
 
+import pytest
 import torch
 
 from gmsa.data import collate
 from gmsa.model import set_stage
 from gmsa.train import Trainer
-from gmsa.warmup import TokenProbe, probe_accuracy, probe_logits, probe_loss, slot_targets
+from gmsa.warmup import TokenProbe, probe_accuracy, probe_logits, probe_loss, probe_scores, slot_targets
 from tests.test_train import SENTENCES, ae_files, tiny_config  # noqa: F401  (ae_files is a fixture)
 
 
@@ -48,6 +49,16 @@ def test_probe_loss_falls_and_trains_only_encoder_lora_lsa_and_probe(make_gmsa, 
     assert losses[-1] < losses[0] / 2, losses[::6]
     assert probe_accuracy(gmsa.model, probe, batch) > before
     assert all(torch.equal(p, decoder_before[n]) for n, p in gmsa.model.decoder.named_parameters())
+
+
+def test_probe_scores_give_the_loss_and_accuracy_of_one_pass(make_gmsa, backbone_dir):
+    gmsa = make_gmsa(backbone_dir)
+    probe = TokenProbe(gmsa.model.hidden_size, 4)
+    ids = gmsa.tokenizer(SENTENCES, add_special_tokens=False)["input_ids"]
+    batch = collate_contexts(ids, [4, 2, 4, 2], gmsa.tokenizer.pad_token_id)
+    loss, accuracy = probe_scores(gmsa.model, probe, batch)
+    assert loss == pytest.approx(probe_loss(gmsa.model, probe, batch).item(), rel=1e-5)
+    assert accuracy == probe_accuracy(gmsa.model, probe, batch)
 
 
 def test_warmup_stage_resumes_with_its_probe_and_feeds_the_ae_stage(backbone_dir, ae_files, tmp_path):  # noqa: F811
