@@ -33,6 +33,7 @@ from . import distributed
 from .api import GMSA, load_trained
 from .config import GMSAConfig
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
+from .evaluation.information import soft_token_information
 from .metrics import bleu
 from .model import base_model, enable_decoder_tuning, set_stage, trained_state_dict
 from .warmup import TokenProbe, probe_loss, probe_scores
@@ -374,6 +375,9 @@ class Trainer:
             if self.sharded:
                 continue
             if self.cfg.stage == "ae":
+                pad_id = self.gmsa.tokenizer.pad_token_id
+                information = soft_token_information(self.model, self.val, rate, pad_id, self.cfg.batch_size)
+                row[f"val_info_x{rate}"] = round(information.nats_per_token, 4)
                 texts = self.gmsa.tokenizer.batch_decode([e.context for e in self.val])
                 compressed = self.gmsa.compress(texts, rate=rate)
                 row[f"val_bleu_x{rate}"] = bleu(self.gmsa.reconstruct(compressed), texts)

@@ -93,6 +93,7 @@ def test_validation_reports_loss_and_bleu(backbone_dir, ae_files, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val_bleu_x2" in r]
     assert len(val) == 1 and 0.0 <= val[0]["val_bleu_x4"] <= 1.0 and val[0]["val_loss_x2"] > 0
+    assert isinstance(val[0]["val_info_x2"], float)
 
 
 def test_keft_from_ae_checkpoint_trains_only_the_decoder(backbone_dir, ae_files, tmp_path):
