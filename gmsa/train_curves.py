@@ -1,6 +1,7 @@
 """Plot a run's training loss and validation BLEU against step (for the model card).
 
 python -m gmsa.train_curves runs/ae/metrics.jsonl reports/train/ae_curves.png
+python -m gmsa.train_curves --compare gmsa=runs/a/metrics.jsonl linear=runs/b/metrics.jsonl out.png
 """
 
 from __future__ import annotations
@@ -58,5 +59,27 @@ def plot(metrics: str | Path, out: str | Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def compare(runs: dict[str, str | Path], out: str | Path) -> None:
+    """Training loss (20-step mean) of several runs on one axis, e.g. ablations on the same batches."""
+    fig, axis = plt.subplots(figsize=(7, 4))
+    for label, metrics in runs.items():
+        train, _ = latest_rows(read_jsonl(metrics))
+        axis.plot([r["step"] for r in train], smooth([r["loss"] for r in train]), label=label)
+    axis.set_xlabel("step")
+    axis.set_ylabel("training cross entropy (20-step mean)")
+    axis.legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--compare":
+        *pairs, out = argv[1:]
+        compare(dict(pair.split("=", 1) for pair in pairs), out)
+    else:
+        plot(argv[0], argv[1])
+
+
 if __name__ == "__main__":
-    plot(sys.argv[1], sys.argv[2])
+    main(sys.argv[1:])
