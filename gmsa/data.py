@@ -35,6 +35,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def subsample_sources(rows: list[dict], fractions: dict[str, float], seed: int = 0) -> list[dict]:
+    """Keep a seeded ``fractions[source]`` share of each listed source's rows (others all), in order.
+
+    Rebalances a mix, e.g. ``{"boolq": 0.25}`` against a flood of yes/no answers.
+    """
+    for source, fraction in fractions.items():
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction for source {source!r} must be in [0, 1], got {fraction}")
+    rng = random.Random(seed)
+    return [row for row in rows if rng.random() < fractions.get(row.get("source"), 1.0)]
+
+
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import distributed
 from .api import GMSA, load_trained
 from .config import GMSAConfig
-from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl
+from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl, subsample_sources
 from .evaluation.information import soft_token_information
 from .metrics import bleu
 from .model import base_model, enable_decoder_tuning, set_stage, trained_state_dict
@@ -66,6 +66,9 @@ class TrainConfig:
     rates: list[int] = field(default_factory=lambda: [4, 8])
     min_tokens: int = 16
     max_tokens: int = 256
+    source_fractions: dict[str, float] = field(
+        default_factory=dict
+    )  # training rows kept per source, e.g. {"boolq": 0.25}
     curriculum: dict[str, int] = field(default_factory=dict)  # {"step": max_tokens}, e.g. {"0": 64, "500": 128}
     batch_size: int = 8
     grad_accum: int = 1
@@ -82,6 +85,7 @@ class TrainConfig:
     eval_examples: int = 16
     eval_max_tokens: int = 128
     save_every_min: float = 10.0
+    keep_every: int = 0  # also keep the trained weights every this many steps in snapshots/step-N; 0 = no
     max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     stop_at_step: int = 0  # stop (and save) at this step, keeping the schedule of max_steps; 0 = no
     seed: int = 0
@@ -157,8 +161,10 @@ def build_model(cfg: TrainConfig) -> GMSA:
     return start
 
 
-def load_examples(cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int) -> list[Example]:
-    rows = read_jsonl(path)
+def load_examples(
+    cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int, source_fractions: dict[str, float] | None = None
+) -> list[Example]:
+    rows = subsample_sources(read_jsonl(path), source_fractions or {}, cfg.seed)
     if cfg.stage in {"warmup", "ae"}:
         return autoencoder_examples(rows, gmsa.tokenizer, gmsa.config.ae_prompt, max_tokens, cfg.min_tokens)
     return qa_examples(rows, gmsa.tokenizer, max_tokens)
@@ -207,7 +213,7 @@ class Trainer:
                 stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.objective = Objective(self.model, self.probe)
         self.engine = self._wrap(self.objective if self.sharded else self.objective.to(self.dist.device))
-        self.examples = load_examples(cfg, cfg.data, self.gmsa, cfg.max_tokens)
+        self.examples = load_examples(cfg, cfg.data, self.gmsa, cfg.max_tokens, cfg.source_fractions)
         self.val = load_examples(cfg, cfg.val_data, self.gmsa, cfg.eval_max_tokens)[: cfg.eval_examples]
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -289,6 +295,14 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, self.out / "state.pt")
         self.gmsa.save_pretrained(self.out / "model", weights=trained)
+
+    def keep_snapshot(self) -> None:
+        """Write the trained weights (no optimizer) to ``snapshots/step-{step}`` for later benchmarks."""
+        if not (self.dist.is_main or self.sharded):
+            return
+        trained = distributed.gathered(trained_state_dict(self.model))
+        if self.dist.is_main:
+            self.gmsa.save_pretrained(self.out / "snapshots" / f"step-{self.step}", weights=trained)
 
     def resume(self) -> bool:
         path = self.out / "state.pt"
@@ -434,6 +448,8 @@ class Trainer:
                 self.log_row(row)
                 if self.dist.is_main:
                     bar.write(json.dumps(row))
+            if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
+                self.keep_snapshot()
             out_of_time = self.cfg.max_minutes and self.elapsed - base_elapsed > 60 * self.cfg.max_minutes
             stopping = self.dist.any(out_of_time or self.step == self.cfg.stop_at_step or self.stop_requested)
             if time.time() - last_save > 60 * self.cfg.save_every_min or stopping:

@@ -147,3 +147,12 @@ def test_epoch_batches_are_seeded_and_cover_everything():
     assert sorted(i for batch in a for i in batch) == list(range(50))
     # within a bucket of 3 batches, lengths are sorted, so a batch spans a narrow range
     assert sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a) < 50 * 4
+
+
+def test_keep_every_writes_loadable_snapshots(backbone_dir, ae_files, tmp_path):
+    from gmsa import GMSA
+
+    Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "run", max_steps=4, keep_every=2)).run()
+    snapshots = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    assert snapshots == ["step-2", "step-4"]
+    assert GMSA.from_pretrained(tmp_path / "run" / "snapshots" / "step-2", backbone=str(backbone_dir)) is not None
