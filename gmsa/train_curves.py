@@ -1,7 +1,7 @@
 """Plot a run's training loss and validation BLEU against step (for the model card).
 
 python -m gmsa.train_curves runs/ae/metrics.jsonl reports/train/ae_curves.png
-python -m gmsa.train_curves --compare gmsa=runs/a/metrics.jsonl linear=runs/b/metrics.jsonl out.png
+python -m gmsa.train_curves --compare a=runs/a/metrics.jsonl b=runs/b/metrics.jsonl [--val-key=val_info_x4] out.png
 """
 
 from __future__ import annotations
@@ -59,15 +59,19 @@ def plot(metrics: str | Path, out: str | Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def compare(runs: dict[str, str | Path], out: str | Path) -> None:
-    """Training loss (20-step mean) of several runs on one axis, e.g. ablations on the same batches."""
-    fig, axis = plt.subplots(figsize=(7, 4))
+def compare(runs: dict[str, str | Path], out: str | Path, val_key: str = "val_loss_x4") -> None:
+    """Training loss (20-step mean, left) and ``val_key`` (right) of several runs, e.g. on the same batches."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label, metrics in runs.items():
-        train, _ = latest_rows(read_jsonl(metrics))
-        axis.plot([r["step"] for r in train], smooth([r["loss"] for r in train]), label=label)
-    axis.set_xlabel("step")
-    axis.set_ylabel("training cross entropy (20-step mean)")
-    axis.legend()
+        train, val = latest_rows(read_jsonl(metrics))
+        left.plot([r["step"] for r in train], smooth([r["loss"] for r in train]), label=label)
+        val = [r for r in val if val_key in r]
+        right.plot([r["step"] for r in val], [r[val_key] for r in val], marker="o", label=label)
+    left.set_ylabel("training cross entropy (20-step mean)")
+    right.set_ylabel(val_key)
+    for axis in (left, right):
+        axis.set_xlabel("step")
+        axis.legend()
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -76,7 +80,9 @@ def compare(runs: dict[str, str | Path], out: str | Path) -> None:
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--compare":
         *pairs, out = argv[1:]
-        compare(dict(pair.split("=", 1) for pair in pairs), out)
+        keys = [p.split("=", 1)[1] for p in pairs if p.startswith("--val-key=")]
+        runs = dict(p.split("=", 1) for p in pairs if not p.startswith("--val-key="))
+        compare(runs, out, *keys[-1:])
     else:
         plot(argv[0], argv[1])
 

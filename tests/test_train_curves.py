@@ -30,6 +30,6 @@ def test_single_run_and_comparison_plots_are_written(tmp_path):
     a = write_metrics(tmp_path / "a.jsonl", [4.0, 3.5, 3.2, 3.0])
     b = write_metrics(tmp_path / "b.jsonl", [4.0, 3.9, 3.8, 3.7])
     main([str(a), str(tmp_path / "one.png")])
-    main(["--compare", f"gmsa={a}", f"linear={b}", str(tmp_path / "both.png")])
+    main(["--compare", f"gmsa={a}", f"linear={b}", "--val-key=val_loss_x4", str(tmp_path / "both.png")])
     assert (tmp_path / "one.png").stat().st_size > 1000
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
