@@ -66,9 +66,7 @@ class TrainConfig:
     rates: list[int] = field(default_factory=lambda: [4, 8])
     min_tokens: int = 16
     max_tokens: int = 256
-    source_fractions: dict[str, float] = field(
-        default_factory=dict
-    )  # training rows kept per source, e.g. {"boolq": 0.25}
+    source_fractions: dict[str, float] = field(default_factory=dict)  # training rows kept: {"boolq": 0.25}
     curriculum: dict[str, int] = field(default_factory=dict)  # {"step": max_tokens}, e.g. {"0": 64, "500": 128}
     batch_size: int = 8
     grad_accum: int = 1

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from gmsa import GMSA
 from gmsa.data import BatchStream, Example, epoch_batches
 from gmsa.model import set_stage
 from gmsa.train import TrainConfig, Trainer, cosine_lr
@@ -150,8 +151,6 @@ def test_epoch_batches_are_seeded_and_cover_everything():
 
 
 def test_keep_every_writes_loadable_snapshots(backbone_dir, ae_files, tmp_path):
-    from gmsa import GMSA
-
     Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "run", max_steps=4, keep_every=2)).run()
     snapshots = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
     assert snapshots == ["step-2", "step-4"]
