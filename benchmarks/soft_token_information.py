@@ -11,6 +11,7 @@ soft tokens (matched) and from another passage's (mismatched); the gap is the in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -34,6 +35,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rates", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--keep-decoder-lora",
+        action="store_true",
+        help="leave a decoder LoRA on (for models trained with one in the AE stage: ae_decoder_lora)",
+    )
     parser.add_argument("--out", default="reports/train/information")
     return parser.parse_args()
 
@@ -45,7 +51,7 @@ def measure(spec: ModelSpec, args: argparse.Namespace, rows: list[dict]) -> dict
     examples = autoencoder_examples(rows, tok, gmsa.config.ae_prompt, args.max_tokens, args.min_tokens)
     examples = random.Random(args.seed).sample(examples, min(args.limit, len(examples)))
     result = {"source": spec.source, "passages": len(examples)}
-    with autoencoder_decoder(gmsa.model):
+    with contextlib.nullcontext() if args.keep_decoder_lora else autoencoder_decoder(gmsa.model):
         for rate in args.rates:
             info = soft_token_information(gmsa.model, examples, rate, tok.pad_token_id)
             result[f"x{rate}"] = {

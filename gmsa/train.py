@@ -63,6 +63,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     decoder_tuning: str = "qkv"
+    ae_decoder_lora: int = 0  # experiment: rank of a decoder LoRA trained in the AE stage too; 0 = frozen (the paper)
     rates: list[int] = field(default_factory=lambda: [4, 8])
     min_tokens: int = 16
     max_tokens: int = 256
@@ -119,9 +120,18 @@ class TrainConfig:
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
-            decoder_tuning=self.decoder_tuning if self.stage == "keft" else "none",
+            decoder_tuning=self._decoder_tuning(),
+            **({"decoder_lora_r": self.ae_decoder_lora} if self._ae_decoder_lora() else {}),
             max_context_tokens=max(2048, self.max_tokens),
         )
+
+    def _ae_decoder_lora(self) -> bool:
+        return self.stage in {"ae", "warmup"} and self.ae_decoder_lora > 0
+
+    def _decoder_tuning(self) -> str:
+        if self.stage == "keft":
+            return self.decoder_tuning
+        return "lora" if self._ae_decoder_lora() else "none"
 
     def max_tokens_at(self, step: int) -> int:
         caps = sorted((int(k), v) for k, v in self.curriculum.items())
@@ -205,6 +215,9 @@ class Trainer:
         self.gmsa = build_model(cfg)
         self.model = self.gmsa.model if self.sharded else self.gmsa.model.to(self.dist.device)
         set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage)
+        if cfg._ae_decoder_lora():
+            for name, param in self.model.decoder.named_parameters():
+                param.requires_grad_("lora_" in name)
         self.probe = TokenProbe.for_model(self.model, max(cfg.rates)) if cfg.stage == "warmup" else None
         if cfg.grad_checkpointing:
             for stack in (self.model.encoder, self.model.decoder):

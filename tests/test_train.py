@@ -124,6 +124,17 @@ def test_keft_from_ae_checkpoint_trains_only_the_decoder(backbone_dir, ae_files,
     assert any(k.startswith("decoder.") and "q_proj" in k for k in saved)
 
 
+def test_ae_decoder_lora_trains_with_the_encoder_and_is_saved(backbone_dir, ae_files, tmp_path):
+    trainer = Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "ae", max_steps=2, ae_decoder_lora=4))
+    decoder_lora = {n: p.clone() for n, p in trainer.model.decoder.named_parameters() if "lora_B" in n}
+    assert decoder_lora and all(p.requires_grad for n, p in trainer.model.decoder.named_parameters() if "lora_" in n)
+    trainer.run()
+    after = dict(trainer.model.decoder.named_parameters())
+    assert any(not torch.equal(after[n], before) for n, before in decoder_lora.items())
+    reloaded = GMSA.from_pretrained(tmp_path / "ae" / "model")
+    assert reloaded.config.decoder_tuning == "lora" and reloaded.config.decoder_lora_r == 4
+
+
 def test_config_files_and_overrides(tmp_path):
     path = tmp_path / "ae.toml"
     path.write_text('lr = 5e-4\nrates = [4]\ncurriculum = { "0" = 64, "10" = 128 }\n')
