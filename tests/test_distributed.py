@@ -146,7 +146,13 @@ def fsdp_runs(backbone_dir, tmp_path_factory) -> Path:
     return root
 
 
-def assert_same_weights(a: Path, b: Path, atol: float = 2e-5) -> None:
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-4) -> None:
+    """The runs' trained weights agree to 3% of one Adam step (lr 3e-3 in these tiny configs).
+
+    Sharded and single-process runs sum gradients in different orders, and fp32 kernels differ
+    across CPUs (up to 2.6e-5 after 4 steps on an AVX-512 Xeon); Adam turns such rounding into a
+    small fraction of a step. A wrong batch split changes the gradients themselves, not their rounding.
+    """
     first, second = torch.load(a / "rank0.pt"), torch.load(b / "rank0.pt")
     assert first.keys() == second.keys()
     for name, tensor in first.items():
