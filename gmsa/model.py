@@ -251,10 +251,11 @@ def enable_decoder_tuning(model: GMSAModel, mode: str) -> None:
     model.config.decoder_tuning = mode
 
 
-def set_stage(model: GMSAModel, stage: str) -> list[str]:
+def set_stage(model: GMSAModel, stage: str, tune_decoder_in_ae: bool = False) -> list[str]:
     """Make exactly the stage's parameters trainable; return their names.
 
-    ``ae``: encoder LoRA + LSA (+ the memory tokens of the ``merge="memory"`` ablation).
+    ``ae``: encoder LoRA + LSA (+ the memory tokens of the ``merge="memory"`` ablation), and with
+    ``tune_decoder_in_ae`` (an experiment, not the paper) also the decoder part chosen by ``decoder_tuning``.
     ``keft``: the decoder part chosen by ``decoder_tuning``.
     """
     if stage not in {"ae", "keft"}:
@@ -267,6 +268,10 @@ def set_stage(model: GMSAModel, stage: str) -> list[str]:
             param.requires_grad_("embed_tokens" not in name)
         if model.memory is not None:
             model.memory.requires_grad_(True)
+        if tune_decoder_in_ae:
+            tuned = set(decoder_tuned_names(model))
+            for name, param in model.decoder.named_parameters():
+                param.requires_grad_(name in tuned)
     else:
         if model.config.decoder_tuning == "none":
             raise ValueError("KEFT needs decoder_tuning = qkv, full or lora")

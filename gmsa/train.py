@@ -121,17 +121,18 @@ class TrainConfig:
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             decoder_tuning=self._decoder_tuning(),
-            **({"decoder_lora_r": self.ae_decoder_lora} if self._ae_decoder_lora() else {}),
+            decoder_lora_r=self.ae_decoder_lora if self.tunes_decoder_in_ae else GMSAConfig.decoder_lora_r,
             max_context_tokens=max(2048, self.max_tokens),
         )
 
-    def _ae_decoder_lora(self) -> bool:
+    @property
+    def tunes_decoder_in_ae(self) -> bool:
         return self.stage in {"ae", "warmup"} and self.ae_decoder_lora > 0
 
     def _decoder_tuning(self) -> str:
         if self.stage == "keft":
             return self.decoder_tuning
-        return "lora" if self._ae_decoder_lora() else "none"
+        return "lora" if self.tunes_decoder_in_ae else "none"
 
     def max_tokens_at(self, step: int) -> int:
         caps = sorted((int(k), v) for k, v in self.curriculum.items())
@@ -214,10 +215,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.gmsa = build_model(cfg)
         self.model = self.gmsa.model if self.sharded else self.gmsa.model.to(self.dist.device)
-        set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage)
-        if cfg._ae_decoder_lora():
-            for name, param in self.model.decoder.named_parameters():
-                param.requires_grad_("lora_" in name)
+        set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage, cfg.tunes_decoder_in_ae)
         self.probe = TokenProbe.for_model(self.model, max(cfg.rates)) if cfg.stage == "warmup" else None
         if cfg.grad_checkpointing:
             for stack in (self.model.encoder, self.model.decoder):
