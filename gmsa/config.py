@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 AE_PROMPT = "Restate the aforementioned Text."
+COPY_INSTRUCTION = "Repeat the text above exactly, word for word."
+SOFT_MARK = "\u2063SOFT\u2063"  # stands where the soft tokens go when a chat template is rendered
 CONFIG_NAME = "gmsa_config.json"
 
 
@@ -39,6 +41,10 @@ class GMSAConfig:
         ae_prompt: instruction that asks the decoder to restate the compressed text.
         decoder_tuning: what KEFT changed in the decoder: ``"none"``, ``"qkv"``,
             ``"full"`` or ``"lora"`` (then ``decoder_lora_r`` is its rank).
+        ae_decoder_lora_r: rank of a decoder LoRA (adapter ``"ae"``) trained with the encoder in the
+            AE stage and kept on for restatement and answers; 0 = the paper's frozen decoder.
+        lsa_output_gain: a learnable scalar (log-parameterised) on the soft tokens, so their scale
+            can move away from the final norm's (~16x the token embeddings on SmolLM2).
     """
 
     backbone: str = "default"
@@ -59,6 +65,8 @@ class GMSAConfig:
     ae_prompt: str = AE_PROMPT
     decoder_tuning: str = "none"
     decoder_lora_r: int = 16
+    ae_decoder_lora_r: int = 0
+    lsa_output_gain: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,3 +123,21 @@ class GMSAConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"corrupt {path}: {err}") from err
         return cls.from_dict(values)
+
+
+def ae_prompt_text(style: str, tokenizer) -> str:
+    """The text the decoder reads after the soft tokens when asked to restate them.
+
+    ``"paper"``: the paper's prompt. ``"chat-copy"``: the backbone's chat template around an explicit
+    verbatim-copy instruction, from just after the soft tokens to the start of the assistant's turn
+    (small decoders copy far better this way; see docs/method.md). Anything else is used as given.
+    """
+    if style == "paper":
+        return AE_PROMPT
+    if style != "chat-copy":
+        return style
+    if not getattr(tokenizer, "chat_template", None):
+        return f"\n{COPY_INSTRUCTION}\n"
+    messages = [{"role": "user", "content": f"{SOFT_MARK}\n{COPY_INSTRUCTION}"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return rendered.split(SOFT_MARK, 1)[1]

@@ -37,7 +37,13 @@ def base_model(causal_lm: PreTrainedModel) -> nn.Module:
 
 def linear_module_names(stack: nn.Module) -> list[str]:
     """Names of the linear projections inside the layers (q_proj, ..., down_proj)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in stack.layers.named_modules() if isinstance(mod, nn.Linear)})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, mod in stack.layers.named_modules()
+            if isinstance(mod, nn.Linear | BaseTunerLayer) and not any(p in name for p in ("lora_", "base_layer"))
+        }
+    )
 
 
 def truncated_copy(causal_lm: PreTrainedModel, n_layers: int, copy_weights: bool = True) -> nn.Module:
@@ -75,6 +81,8 @@ class LayerSemanticAlignment(nn.Module):
         hidden = decoder.config.hidden_size
         self.blocks = None
         self.linear = None
+        # a learnable output scale (log-parameterised; its own lr) lets soft tokens leave the final norm's scale
+        self.log_gain = nn.Parameter(torch.zeros(())) if config.lsa_output_gain else None
         if config.lsa_init == "linear":
             self.linear = nn.Linear(hidden, hidden)
             nn.init.eye_(self.linear.weight)
@@ -86,6 +94,10 @@ class LayerSemanticAlignment(nn.Module):
 
     def forward(self, merged: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, N, H)`` merged states and ``(B, N)`` mask -> ``(B, N, H)`` soft tokens."""
+        soft = self.align(merged, mask)
+        return soft if self.log_gain is None else soft * self.log_gain.exp().to(soft.dtype)
+
+    def align(self, merged: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.linear is not None:
             return self.linear(merged)
         if self.blocks is None:
@@ -147,6 +159,8 @@ class GMSAModel(nn.Module):
         self.encoder = add_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout)
         self.lsa = LayerSemanticAlignment(decoder, config)
         self.memory = MemoryTokens(decoder, config.max_context_tokens) if config.merge == "memory" else None
+        if config.ae_decoder_lora_r:
+            add_decoder_adapter(self, AE_ADAPTER, config.ae_decoder_lora_r)
         enable_decoder_tuning(self, config.decoder_tuning)
 
     @property
@@ -222,6 +236,39 @@ def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+AE_ADAPTER = "ae"  # the decoder LoRA trained with the encoder in the AE stage; restatement keeps it on
+KEFT_ADAPTER = "default"  # peft's default name: the KEFT decoder LoRA (older checkpoints use it too)
+
+
+def adapter_param_names(module: nn.Module, adapter: str) -> list[str]:
+    return [name for name, _ in module.named_parameters() if "lora_" in name and f".{adapter}." in name]
+
+
+def decoder_adapters(model: GMSAModel) -> list[BaseTunerLayer]:
+    return [m for m in model.decoder.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_decoder_adapter(model: GMSAModel, adapter: str, r: int) -> None:
+    """Inject a named LoRA (rank = alpha = ``r``) into the decoder's projections and keep every adapter active."""
+    stack = base_model(model.decoder)
+    lora = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=linear_module_names(stack))
+    inject_adapter_in_model(lora, stack, adapter_name=adapter)
+    activate_adapters(model, None)
+
+
+def activate_adapters(model: GMSAModel, names: list[str] | None) -> None:
+    """Make ``names`` (``None``: all) the decoder's active adapters, leaving ``requires_grad`` as it was.
+
+    peft's ``set_adapter`` also flips ``requires_grad``; which parameters train is ``set_stage``'s call.
+    """
+    flags = {name: p.requires_grad for name, p in model.decoder.named_parameters()}
+    for layer in decoder_adapters(model):
+        chosen = [a for a in layer.lora_A.keys() if names is None or a in names]
+        layer.enable_adapters(bool(chosen))
+        if chosen:
+            layer.set_adapter(chosen)
+    for name, param in model.decoder.named_parameters():
+        param.requires_grad_(flags[name])
 
 
 def decoder_tuned_names(model: GMSAModel) -> list[str]:
@@ -237,7 +284,7 @@ def decoder_tuned_names(model: GMSAModel) -> list[str]:
     if mode == "full":
         return [n for n in names if ".layers." in n or n.endswith("norm.weight")]
     if mode == "lora":
-        return [n for n in names if "lora_" in n]
+        return adapter_param_names(model.decoder, KEFT_ADAPTER)
     return []
 
 
@@ -245,18 +292,17 @@ def enable_decoder_tuning(model: GMSAModel, mode: str) -> None:
     """Record what KEFT tunes in the decoder; a decoder LoRA is injected here, once."""
     if model.config.decoder_tuning not in {"none", mode} and mode != "none":
         raise ValueError(f"the decoder is already tuned as {model.config.decoder_tuning!r}, cannot switch to {mode!r}")
-    already = any("lora_" in name for name, _ in model.decoder.named_parameters())
-    if mode == "lora" and not already:
-        add_lora(base_model(model.decoder), model.config.decoder_lora_r, model.config.decoder_lora_r, 0.0)
+    if mode == "lora" and not adapter_param_names(model.decoder, KEFT_ADAPTER):
+        add_decoder_adapter(model, KEFT_ADAPTER, model.config.decoder_lora_r)
     model.config.decoder_tuning = mode
 
 
-def set_stage(model: GMSAModel, stage: str, tune_decoder_in_ae: bool = False) -> list[str]:
+def set_stage(model: GMSAModel, stage: str) -> list[str]:
     """Make exactly the stage's parameters trainable; return their names.
 
-    ``ae``: encoder LoRA + LSA (+ the memory tokens of the ``merge="memory"`` ablation), and with
-    ``tune_decoder_in_ae`` (an experiment, not the paper) also the decoder part chosen by ``decoder_tuning``.
-    ``keft``: the decoder part chosen by ``decoder_tuning``.
+    ``ae``: encoder LoRA + LSA (+ the memory tokens of the ``merge="memory"`` ablation), and the
+    decoder's AE adapter where the config has one (``ae_decoder_lora_r``; the paper keeps the decoder frozen).
+    ``keft``: the decoder part chosen by ``decoder_tuning`` (the AE adapter stays frozen).
     """
     if stage not in {"ae", "keft"}:
         raise ValueError(f"stage must be 'ae' or 'keft', got {stage!r}")
@@ -268,10 +314,9 @@ def set_stage(model: GMSAModel, stage: str, tune_decoder_in_ae: bool = False) ->
             param.requires_grad_("embed_tokens" not in name)
         if model.memory is not None:
             model.memory.requires_grad_(True)
-        if tune_decoder_in_ae:
-            tuned = set(decoder_tuned_names(model))
-            for name, param in model.decoder.named_parameters():
-                param.requires_grad_(name in tuned)
+        tuned = set(adapter_param_names(model.decoder, AE_ADAPTER))
+        for name, param in model.decoder.named_parameters():
+            param.requires_grad_(name in tuned)
     else:
         if model.config.decoder_tuning == "none":
             raise ValueError("KEFT needs decoder_tuning = qkv, full or lora")
@@ -288,22 +333,21 @@ def trained_state_dict(model: GMSAModel) -> dict[str, torch.Tensor]:
     if model.memory is not None:
         state |= {f"memory.{n}": p for n, p in model.memory.named_parameters()}
     decoder_params = dict(model.decoder.named_parameters())
-    state |= {f"decoder.{n}": decoder_params[n] for n in decoder_tuned_names(model)}
+    tuned = adapter_param_names(model.decoder, AE_ADAPTER) + decoder_tuned_names(model)
+    state |= {f"decoder.{n}": decoder_params[n] for n in tuned}
     return {name: tensor.detach() for name, tensor in state.items()}
 
 
 @contextmanager
 def autoencoder_decoder(model: GMSAModel) -> Iterator[None]:
-    """Run the decoder as the AE stage trained it: a KEFT decoder LoRA is switched off meanwhile.
+    """Run the decoder as the AE stage trained it: the KEFT decoder LoRA is switched off meanwhile.
 
     KEFT teaches the decoder to answer briefly, which makes it stop restating a context at once;
-    a LoRA can be switched off, Q/K/V or full tuning cannot (then this changes nothing).
+    a LoRA can be switched off (the AE adapter stays on), Q/K/V or full tuning cannot (then this
+    changes nothing).
     """
-    adapters = [m for m in model.decoder.modules() if isinstance(m, BaseTunerLayer)]
-    for module in adapters:
-        module.enable_adapters(False)
+    activate_adapters(model, [AE_ADAPTER])
     try:
         yield
     finally:
-        for module in adapters:
-            module.enable_adapters(True)
+        activate_adapters(model, None)

@@ -31,11 +31,12 @@ from tqdm import tqdm
 
 from . import distributed
 from .api import GMSA, load_trained
-from .config import GMSAConfig
+from .config import GMSAConfig, ae_prompt_text
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl, subsample_sources
 from .evaluation.information import soft_token_information
 from .metrics import bleu
 from .model import base_model, enable_decoder_tuning, set_stage, trained_state_dict
+from .precision import hold_frozen_in, log_choice, resolve_dtype
 from .warmup import TokenProbe, probe_loss, probe_scores
 
 STAGES = ("warmup", "ae", "keft")
@@ -63,7 +64,10 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     decoder_tuning: str = "qkv"
-    ae_decoder_lora: int = 0  # experiment: rank of a decoder LoRA trained in the AE stage too; 0 = frozen (the paper)
+    ae_decoder_lora: int = 0  # rank of a decoder LoRA (adapter "ae") trained in the AE stage; 0 = frozen (the paper)
+    ae_prompt: str = "paper"  # "paper" (Restate the aforementioned Text.), "chat-copy" (chat template, verbatim) or text
+    lsa_output_gain: bool = False  # a learnable scale on the soft tokens (GMSAConfig.lsa_output_gain)
+    gain_lr: float = 1e-2  # its learning rate (it is one log-scale number)
     rates: list[int] = field(default_factory=lambda: [4, 8])
     min_tokens: int = 16
     max_tokens: int = 256
@@ -78,7 +82,7 @@ class TrainConfig:
     max_steps: int = 2000
     weight_decay: float = 0.0
     clip: float = 2.0
-    dtype: str = "float32"  # "bfloat16" = autocast; only fast on CPUs with native bf16 matmul
+    dtype: str = "auto"  # "auto" = bf16 where a start-up matmul measures it faster (gmsa.precision), else fp32
     grad_checkpointing: bool = False
     eval_every: int = 100
     eval_examples: int = 16
@@ -120,19 +124,11 @@ class TrainConfig:
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
-            decoder_tuning=self._decoder_tuning(),
-            decoder_lora_r=self.ae_decoder_lora if self.tunes_decoder_in_ae else GMSAConfig.decoder_lora_r,
+            decoder_tuning=self.decoder_tuning if self.stage == "keft" else "none",
+            ae_decoder_lora_r=self.ae_decoder_lora,
+            lsa_output_gain=self.lsa_output_gain,
             max_context_tokens=max(2048, self.max_tokens),
         )
-
-    @property
-    def tunes_decoder_in_ae(self) -> bool:
-        return self.stage in {"ae", "warmup"} and self.ae_decoder_lora > 0
-
-    def _decoder_tuning(self) -> str:
-        if self.stage == "keft":
-            return self.decoder_tuning
-        return "lora" if self.tunes_decoder_in_ae else "none"
 
     def max_tokens_at(self, step: int) -> int:
         caps = sorted((int(k), v) for k, v in self.curriculum.items())
@@ -161,7 +157,9 @@ def cosine_lr(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def build_model(cfg: TrainConfig) -> GMSA:
     """A fresh GMSA on the backbone, or one loaded from ``cfg.init`` (with KEFT's decoder tuning)."""
     if not cfg.init:
-        return GMSA.from_backbone(cfg.backbone, cfg.model_config())
+        fresh = GMSA.from_backbone(cfg.backbone, cfg.model_config())
+        fresh.config.ae_prompt = ae_prompt_text(cfg.ae_prompt, fresh.tokenizer)
+        return fresh
     start = GMSA.from_pretrained(cfg.init)
     # the encoder window must cover the longest context this stage trains on, as for a fresh model
     start.config.max_context_tokens = max(start.config.max_context_tokens, cfg.max_tokens)
@@ -215,7 +213,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.gmsa = build_model(cfg)
         self.model = self.gmsa.model if self.sharded else self.gmsa.model.to(self.dist.device)
-        set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage, cfg.tunes_decoder_in_ae)
+        set_stage(self.model, "ae" if cfg.stage == "warmup" else cfg.stage)
+        self.compute = resolve_dtype(cfg.dtype, self.dist.device)
+        log_choice(self.compute, "training")
+        self.low_precision = self.compute.dtype != torch.float32
+        if self.low_precision and not self.sharded:  # FSDP2 wants one dtype per shard group: autocast only
+            hold_frozen_in(self.model, self.compute.dtype)
         self.probe = TokenProbe.for_model(self.model, max(cfg.rates)) if cfg.stage == "warmup" else None
         if cfg.grad_checkpointing:
             for stack in (self.model.encoder, self.model.decoder):
@@ -239,7 +242,7 @@ class Trainer:
         if not self.dist.active:
             return objective
         if self.sharded:
-            return distributed.fully_sharded(objective, self._shard_units(), self.dist, self.cfg.dtype == "bfloat16")
+            return distributed.fully_sharded(objective, self._shard_units(), self.dist, self.low_precision)
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         # The warm-up probe's slots for the larger rates go unused in batches of small rates.
         unused = self.cfg.stage == "warmup"
@@ -253,14 +256,17 @@ class Trainer:
         return [*self.model.encoder.layers, *lsa, *base_model(self.model.decoder).layers]
 
     def _param_groups(self) -> list[dict]:
-        lsa = [p for p in self.model.lsa.parameters() if p.requires_grad]
-        lsa_ids = {id(p) for p in lsa}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in lsa_ids]
+        gain = [p for p in [self.model.lsa.log_gain] if p is not None and p.requires_grad]
+        lsa = [p for p in self.model.lsa.parameters() if p.requires_grad and all(p is not g for g in gain)]
+        grouped = {id(p) for p in lsa + gain}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in grouped]
         if self.probe is not None:
             rest += list(self.probe.parameters())
-        groups = [{"params": rest, "lr": self.cfg.lr}]
-        if lsa:
-            groups.append({"params": lsa, "lr": self.cfg.lsa_lr or self.cfg.lr})
+        groups = [
+            {"params": rest, "lr": self.cfg.lr},
+            {"params": lsa, "lr": self.cfg.lsa_lr or self.cfg.lr},
+            {"params": gain, "lr": self.cfg.gain_lr},
+        ]
         return [g for g in groups if g["params"]]
 
     def _stream(self, cap: int) -> BatchStream:
@@ -346,7 +352,7 @@ class Trainer:
 
     def train_step(self, batches: list[dict]) -> float:
         """One optimizer step over micro-batches (and ranks): the exact token mean of the global batch."""
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+        autocast = self.autocast()
         batches = [self._to_device(b) for b in batches]
         counted = sum(self.objective.counted_tokens(b) for b in batches)
         seen = sum(int(b["context_mask"].sum() + b["target_mask"].sum()) for b in batches)
@@ -367,6 +373,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return self.dist.sum([summed])[0] / self.dist.world
 
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.dist.device.type, dtype=self.compute.dtype, enabled=self.low_precision)
+
     def _gradient_sync(self, last: bool):
         """Gradients are reduced over ranks only on the last micro-batch of a step."""
         if not self.dist.active:
@@ -384,6 +393,14 @@ class Trainer:
         sharded model; BLEU and probe accuracy need the whole model in one process and are skipped.
         """
         self.model.eval()
+        with self.autocast():
+            row = self._validation_row()
+        self.model.train()
+        if self.sharded:
+            distributed.reshard(self.engine)
+        return row
+
+    def _validation_row(self) -> dict:
         scorer = self.engine if self.sharded else self.objective
         row: dict = {"step": self.step, "elapsed_s": round(self.elapsed, 1), "tokens_seen": self.tokens_seen}
         for rate in self.cfg.rates:
@@ -404,9 +421,6 @@ class Trainer:
                 texts = self.gmsa.tokenizer.batch_decode([e.context for e in self.val])
                 compressed = self.gmsa.compress(texts, rate=rate)
                 row[f"val_bleu_x{rate}"] = bleu(self.gmsa.reconstruct(compressed), texts)
-        self.model.train()
-        if self.sharded:
-            distributed.reshard(self.engine)
         return row
 
     def _request_stop(self, signum, frame) -> None:

@@ -132,7 +132,27 @@ def test_ae_decoder_lora_trains_with_the_encoder_and_is_saved(backbone_dir, ae_f
     after = dict(trainer.model.decoder.named_parameters())
     assert any(not torch.equal(after[n], before) for n, before in decoder_lora.items())
     reloaded = GMSA.from_pretrained(tmp_path / "ae" / "model")
-    assert reloaded.config.decoder_tuning == "lora" and reloaded.config.decoder_lora_r == 4
+    assert reloaded.config.decoder_tuning == "none" and reloaded.config.ae_decoder_lora_r == 4
+    reloaded_lora = dict(reloaded.model.decoder.named_parameters())
+    assert all(torch.equal(reloaded_lora[n].float(), p.bfloat16().float()) for n, p in after.items() if ".ae." in n)
+
+
+def test_keft_adds_its_own_adapter_and_leaves_the_ae_adapter_frozen(backbone_dir, ae_files, tmp_path):
+    Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "ae", max_steps=2, ae_decoder_lora=4)).run()
+    qa = tmp_path / "qa.jsonl"
+    row = {"context": SENTENCES[1], "question": "What is the capital of France?", "answers": ["Paris"]}
+    qa.write_text((json.dumps(row) + "\n") * 8)
+    init = str(tmp_path / "ae" / "model")
+    cfg = tiny_config(backbone_dir, (qa, qa), tmp_path / "keft", stage="keft", init=init, decoder_tuning="lora")
+    keft = Trainer(cfg)
+    ae_before = {n: p.clone() for n, p in keft.model.decoder.named_parameters() if ".ae." in n}
+    trainable = {n for n, p in keft.model.decoder.named_parameters() if p.requires_grad}
+    assert ae_before and trainable and all(".default." in n for n in trainable)
+    keft.run()
+    assert all(torch.equal(p, ae_before[n]) for n, p in keft.model.decoder.named_parameters() if ".ae." in n)
+    saved = GMSA.from_pretrained(tmp_path / "keft" / "model")
+    names = [n for n, _ in saved.model.decoder.named_parameters() if "lora_" in n]
+    assert any(".ae." in n for n in names) and any(".default." in n for n in names)
 
 
 def test_config_files_and_overrides(tmp_path):
