@@ -211,6 +211,20 @@ class GMSAModel(nn.Module):
         reduction: str = "mean",
     ) -> torch.Tensor:
         """Cross entropy over all real target tokens of the batch: their mean (or ``"sum"``), a scalar."""
+        logits = self.target_logits(context_ids, context_mask, rates, prompt_ids, prompt_mask, target_ids, target_mask)
+        return F.cross_entropy(logits.float(), target_ids[target_mask.bool()], reduction=reduction)
+
+    def target_logits(
+        self,
+        context_ids: torch.Tensor,
+        context_mask: torch.Tensor,
+        rates: torch.Tensor | int,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Teacher-forced next-token logits ``(n_targets, V)`` for every real target token, in batch order."""
         soft, soft_mask = self.compress(context_ids, context_mask, rates)
         packed = self.decoder_inputs(soft, soft_mask, [(prompt_ids, prompt_mask), (target_ids, target_mask)])
         hidden = base_model(self.decoder)(
@@ -218,8 +232,7 @@ class GMSAModel(nn.Module):
         ).last_hidden_state
         rows, cols = target_positions(packed.lengths, target_mask.sum(dim=1))
         logits = self.decoder.get_output_embeddings()(hidden[rows, cols - 1])
-        logits = soft_cap(logits, getattr(self.decoder.config, "final_logit_softcapping", None))
-        return F.cross_entropy(logits.float(), target_ids[target_mask.bool()], reduction=reduction)
+        return soft_cap(logits, getattr(self.decoder.config, "final_logit_softcapping", None))
 
 
 def target_positions(lengths: torch.Tensor, n_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     decoder_tuning: str = "qkv"
     ae_decoder_lora: int = 0  # rank of a decoder LoRA (adapter "ae") trained in the AE stage; 0 = frozen (the paper)
-    ae_prompt: str = "paper"  # "paper" (Restate the aforementioned Text.), "chat-copy" (chat template, verbatim) or text
+    ae_prompt: str = "paper"  # "paper" (the paper's prompt), "chat-copy" (chat template, verbatim) or a text
     lsa_output_gain: bool = False  # a learnable scale on the soft tokens (GMSAConfig.lsa_output_gain)
     gain_lr: float = 1e-2  # its learning rate (it is one log-scale number)
     rates: list[int] = field(default_factory=lambda: [4, 8])

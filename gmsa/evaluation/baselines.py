@@ -128,6 +128,20 @@ class GMSAMethod(Method):
 
 
 @dataclass
+class UncompressedRestatement(GMSAMethod):
+    """The ceiling of reconstruction: the same decoder, prompt and decoding restating the *uncompressed* text.
+
+    A compressor read by this decoder cannot restate better than the decoder restates the text itself.
+    """
+
+    rate_dependent: ClassVar[bool] = False
+
+    def reconstruct(self, contexts: list[str], rate: int | None) -> list[Output]:
+        context = self.gmsa.uncompressed(contexts)
+        return [Output(text, n) for text, n in zip(self.gmsa.reconstruct(context), context.n_soft_tokens)]
+
+
+@dataclass
 class TextContextMethod(Method):
     """Feed (a selection of) the context's own tokens to the decoder as embeddings."""
 

@@ -56,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = tasks.add_parser("reconstruct", help="restate passages from soft tokens; BLEU, prefix EM, ROUGE, semantic")
     _common_args(p, "data/ae/test.jsonl", [4, 8, 16])
     p.add_argument("--no-semantic", action="store_true", help="skip the embedding-model similarity column")
+    p.add_argument(
+        "--no-ceiling",
+        action="store_true",
+        help="skip the ceiling arm (each model's decoder restating the uncompressed text with the same prompt)",
+    )
     p.set_defaults(func=cmd_reconstruct)
 
     p = tasks.add_parser("qa", help="answer questions from compressed contexts; EM, F1, contains, with baselines")
@@ -154,7 +159,7 @@ def _finish(args: argparse.Namespace, task: str, payload: dict, predictions: lis
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .baselines import GMSAMethod
+    from .baselines import GMSAMethod, UncompressedRestatement
     from .common import default_cache_dir
     from .reconstruct import evaluate_reconstruct
 
@@ -162,6 +167,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     models = _load_models(args)
     examples, notes = _load_sample(args, "reconstruct", models)
     methods = [(GMSAMethod(f"gmsa[{label}]", gmsa), label) for label, _, gmsa in models]
+    if not args.no_ceiling:
+        methods += [(UncompressedRestatement(f"ceiling[{label}]", gmsa), label) for label, _, gmsa in models]
     results, predictions, more_notes = evaluate_reconstruct(
         methods, examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size, not args.no_semantic
     )

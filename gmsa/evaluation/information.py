@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from ..data import Example, collate
 from ..model import GMSAModel
@@ -19,10 +20,15 @@ from ..model import GMSAModel
 
 @dataclass(frozen=True)
 class Information:
-    """Mean target cross entropy (nats per token) with matched and with mismatched soft tokens."""
+    """Mean target cross entropy (nats per token) with matched and with mismatched soft tokens.
+
+    ``matched_accuracy``: the share of target tokens the decoder's argmax gets right, teacher-forced,
+    from the matched soft tokens.
+    """
 
     matched: float
     mismatched: float
+    matched_accuracy: float = float("nan")
 
     @property
     def nats_per_token(self) -> float:
@@ -46,13 +52,17 @@ def soft_token_information(
     if len(examples) < 2:
         raise ValueError("the control needs at least two examples")
     device = next(model.parameters()).device
-    totals = []
+    scores = []
     for pairs in (examples, shifted(examples)):
-        loss, tokens = 0.0, 0
+        loss, correct, tokens = 0.0, 0, 0
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, [rate] * len(chunk), pad_id).items()}
-            loss += float(model(**batch, reduction="sum"))
-            tokens += int(batch["target_mask"].sum())
-        totals.append(loss / tokens)
-    return Information(*totals)
+            logits = model.target_logits(**batch).float()
+            targets = batch["target_ids"][batch["target_mask"].bool()]
+            loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == targets).sum())
+            tokens += len(targets)
+        scores.append((loss / tokens, correct / tokens))
+    (matched, accuracy), (mismatched, _) = scores
+    return Information(matched, mismatched, accuracy)

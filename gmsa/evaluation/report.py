@@ -74,7 +74,7 @@ def _bucket_table(results: list[dict], metric: str) -> str:
         for bucket in buckets:
             stats = r["by_bucket"].get(bucket)
             cells.append(f"{stats[metric]:.3f} (n={stats['n']})" if stats and metric in stats else "—")
-        rows.append([r["method"], f"{r['rate']}x"] + cells)
+        rows.append([r["method"], f"{r['rate']}x" if r["rate"] else "—"] + cells)
     return markdown_table(header, rows)
 
 

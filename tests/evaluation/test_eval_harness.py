@@ -109,6 +109,8 @@ def test_reconstruct_compares_models_by_length_bucket(eval_env, backbone_dir, ae
         ("gmsa[untrained(k_enc=2)]", 4),
         ("gmsa[memory]", 2),
         ("gmsa[memory]", 4),
+        ("ceiling[untrained(k_enc=2)]", None),
+        ("ceiling[memory]", None),
     ]
     assert payload["models"][1]["config"]["merge"] == "memory"
     predictions = _read_jsonl(eval_env / "ae" / "predictions.jsonl")
@@ -118,7 +120,8 @@ def test_reconstruct_compares_models_by_length_bucket(eval_env, backbone_dir, ae
         assert result["metrics"]["bleu"] == pytest.approx(corpus_bleu)
         assert set(result["by_bucket"]) == {"<=128"} and result["by_bucket"]["<=128"]["n"] == 3
         assert ("semantic" in result["metrics"]) == semantic_available()
-        assert [r["context_tokens"] for r in rows] == [math.ceil(r["n_tokens"] / result["rate"]) for r in rows]
+        rate = result["rate"] or 1  # the ceiling arm reads every token
+        assert [r["context_tokens"] for r in rows] == [math.ceil(r["n_tokens"] / rate) for r in rows]
     for name in ("reconstruct_vs_rate.png", "bleu_by_length.png"):
         assert (eval_env / "ae" / name).read_bytes()[:8] == PNG_MAGIC
     assert "BLEU by passage length" in (eval_env / "ae" / "results.md").read_text()

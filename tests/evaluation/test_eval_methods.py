@@ -12,6 +12,7 @@ from gmsa.evaluation.baselines import (
     TruncateHead,
     TruncateTail,
     Uncompressed,
+    UncompressedRestatement,
     budget,
 )
 from gmsa.evaluation.common import (
@@ -73,6 +74,13 @@ def test_batched_answers_equal_single_ones(tiny_gmsa):
 def test_gmsa_method_reads_ceil_l_over_rate_soft_tokens(tiny_gmsa):
     [output] = GMSAMethod("gmsa", tiny_gmsa, GENERATION).run([CONTEXT], [QUESTION], rate=4)
     assert output.context_tokens == budget(len(_ids(tiny_gmsa, CONTEXT)), 4)
+
+
+def test_ceiling_restates_the_uncompressed_text_with_the_same_decoding(tiny_gmsa):
+    outputs = UncompressedRestatement("ceiling", tiny_gmsa).reconstruct([CONTEXT], None)
+    expected = tiny_gmsa.reconstruct(tiny_gmsa.uncompressed([CONTEXT]))
+    assert [o.text for o in outputs] == expected
+    assert outputs[0].context_tokens == len(_ids(tiny_gmsa, CONTEXT))
 
 
 @pytest.mark.parametrize("n,rate,expected", [(0, 4, 0), (1, 4, 1), (8, 4, 2), (9, 4, 3), (512, 16, 32)])
