@@ -4,6 +4,9 @@
 
 Prints one JSON row per configuration and writes them to reports/train/throughput.json.
 Tokens counted = context tokens + target tokens per step (what the run actually processes).
+``precision``: ``fp32``; ``bf16-autocast`` (fp32 weights, autocast re-casts the frozen ones every
+step); ``bf16-held`` (what ``dtype = "auto"`` does where bf16 pays: frozen weights held in bf16
+once, trainable ones fp32, autocast). ``bf16-held`` converts the shared decoder, so it runs last.
 """
 
 from __future__ import annotations
@@ -20,18 +23,23 @@ from gmsa.backbone import load_backbone
 from gmsa.config import GMSAConfig
 from gmsa.data import autoencoder_examples, collate, read_jsonl
 from gmsa.model import GMSAModel, set_stage
+from gmsa.precision import cpu_model, hold_frozen_in, resolve_dtype
 
 CONFIGS = [
-    {"dtype": "float32", "k_enc": 4, "ckpt": False},
-    {"dtype": "float32", "k_enc": 8, "ckpt": False},
-    {"dtype": "float32", "k_enc": 8, "ckpt": True},
-    {"dtype": "bfloat16", "k_enc": 8, "ckpt": False},
+    {"precision": "fp32", "k_enc": 4, "ae_decoder_lora": 16, "ckpt": False},
+    {"precision": "bf16-autocast", "k_enc": 4, "ae_decoder_lora": 16, "ckpt": False},
+    {"precision": "fp32", "k_enc": 4, "ae_decoder_lora": 0, "ckpt": False},
+    {"precision": "bf16-held", "k_enc": 4, "ae_decoder_lora": 0, "ckpt": False},
+    {"precision": "bf16-held", "k_enc": 4, "ae_decoder_lora": 16, "ckpt": False},
 ]
 
 
 def measure(decoder, tokenizer, examples, setting: dict, steps: int) -> dict:
-    model = GMSAModel(decoder, GMSAConfig(k_enc=setting["k_enc"]))
+    config = GMSAConfig(k_enc=setting["k_enc"], ae_decoder_lora_r=setting["ae_decoder_lora"])
+    model = GMSAModel(decoder, config)
     set_stage(model, "ae")
+    if setting["precision"] == "bf16-held":
+        hold_frozen_in(model, torch.bfloat16)
     if setting["ckpt"]:
         for stack in (model.encoder, model.decoder):
             stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -42,7 +50,7 @@ def measure(decoder, tokenizer, examples, setting: dict, steps: int) -> dict:
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and kernels
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting["dtype"] == "bfloat16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting["precision"] != "fp32"):
             loss = model(**batch)
         loss.backward()
         optimizer.step()
@@ -64,9 +72,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--bf16-steps", type=int, default=1, help="bf16 is very slow without native bf16 matmul")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default="reports/train/throughput.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    choice = resolve_dtype("auto")
+    print(f"dtype auto would pick {choice.name}: {choice.reason}", flush=True)
     decoder, tokenizer = load_backbone()
     rows = read_jsonl(args.data)
     examples = autoencoder_examples(rows, tokenizer, GMSAConfig().ae_prompt, 10**6)
@@ -76,10 +88,16 @@ def main() -> None:
         e.target = e.context + [tokenizer.eos_token_id]
     results = []
     for setting in CONFIGS:
-        steps = args.bf16_steps if setting["dtype"] == "bfloat16" else args.steps
-        results.append(measure(decoder, tokenizer, examples, setting, steps))
+        results.append(measure(decoder, tokenizer, examples, setting, args.steps))
         print(json.dumps(results[-1]), flush=True)
-    meta = {"threads": torch.get_num_threads(), "batch": args.batch, "context_tokens": args.tokens}
+    meta = {
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "context_tokens": args.tokens,
+        "cpu": cpu_model(),
+        "auto_dtype": choice.name,
+        "bf16_matmul_speedup": choice.bf16_speedup,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 

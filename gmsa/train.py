@@ -434,6 +434,8 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._request_stop)
             signal.signal(signal.SIGINT, self._request_stop)
         self.resume()
+        if self.dist.is_main:
+            tqdm.write(f"training dtype {self.compute.name}: {self.compute.reason}")
         self.model.train()
         started, last_save = time.time(), time.time()
         base_elapsed = self.elapsed
