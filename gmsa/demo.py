@@ -18,15 +18,21 @@ DEMO_FILE = Path(__file__).parent / "assets" / "demo.json"
 NEW_TOKENS = 32
 
 
-def _timed(fn, repeats: int = 3) -> tuple[object, float]:
-    """The result of ``fn()`` and its median wall time over ``repeats`` runs (after one warm-up)."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_times(fns: list, repeats: int = 3) -> list[float]:
+    """Median wall time of each function over ``repeats`` rounds, after one warm-up call of each.
+
+    The functions take turns within a round, so a machine that slows down or speeds up (other
+    processes, CPU frequency) weighs on all of them alike.
+    """
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def checkpoint_status(demo: dict, model: str | None, checkpoint_id: str) -> str:
@@ -54,8 +60,7 @@ def run_demo(model: str | None = None, rate: int = 4, as_json: bool = False, rep
     compressed = gmsa.compress(demo["text"], rate=rate)
     answers = gmsa.generate(compressed, questions, max_new_tokens=NEW_TOKENS)
     baseline = gmsa.generate(gmsa.uncompressed(demo["text"]), questions, max_new_tokens=NEW_TOKENS)
-    _, gmsa_s = _timed(gmsa_first_token, repeats)
-    _, full_s = _timed(full_first_token, repeats)
+    gmsa_s, full_s = median_times([gmsa_first_token, full_first_token], repeats)
     reconstruction = gmsa.reconstruct(compressed)[0]
     report = {
         "checkpoint": checkpoint_status(demo, model, gmsa.checkpoint_id),
@@ -104,8 +109,8 @@ def _format(r: dict) -> str:
         ]
     lines += [
         "",
-        f"Speed: time to the first answer token for {len(r['qa'])} questions, median of {r['timed_repeats']} runs "
-        "after a warm-up, this machine:",
+        f"Speed: time to the first answer token for {len(r['qa'])} questions, median of {r['timed_repeats']} "
+        "alternating runs after a warm-up, this machine:",
         f"  GMSA {r['rate']}x (compress the passage + read {r['soft_tokens']} soft tokens) {r['seconds_gmsa']:.2f} s",
         f"  vs the same decoder reading all {r['context_tokens']} passage tokens {r['seconds_uncompressed']:.2f} s",
         f"  -> speed-up {r['speedup']:.2f}x  (full answers, longer contexts: gmsa bench)",
