@@ -56,6 +56,12 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.lazy_epilog = None
 
+    def add_argument(self, *args, **kwargs):
+        """An option given without help still shows its default in ``--help``."""
+        if "help" not in kwargs and args and args[0].startswith("-") and kwargs.get("default") not in (None, False):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
     def format_help(self) -> str:
         if self.lazy_epilog is not None:
             self.epilog = self.lazy_epilog()
@@ -78,7 +84,6 @@ def _quiet_libraries(verbose: bool) -> None:
 def _load(args: argparse.Namespace):
     from .api import GMSA
 
-    _quiet_libraries(args.verbose)
     return GMSA.from_pretrained(args.model, backbone=args.backbone)
 
 
@@ -191,7 +196,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .train import TrainConfig, Trainer
 
-    _quiet_libraries(args.verbose)
     overrides = [f"stage={json.dumps(args.stage)}"] + list(args.overrides)
     cfg = TrainConfig.from_sources(args.config or [], overrides)
     trainer = Trainer(cfg)
@@ -205,7 +209,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _quiet_libraries(args.verbose)
     return run_demo(args.model, rate=args.rate, as_json=args.json, repeats=args.repeats)
 
 
@@ -343,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    _quiet_libraries(args.verbose)
     started = time.time()
     try:
         check_command(args)
