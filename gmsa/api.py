@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .backbone import fingerprint, load_backbone
@@ -176,7 +177,8 @@ class GMSA:
                 raise ValueError(
                     f"text {i} has {len(row)} tokens, more than max_total_tokens={cap}, the hard cap on one "
                     f"context (texts longer than the encoder window of {self.config.max_context_tokens} tokens "
-                    "are split into windows up to this cap); shorten the text or raise max_total_tokens"
+                    "are split into windows up to this cap); shorten the text or raise max_total_tokens "
+                    "(the command line's --max-total-tokens)"
                 )
         return ids
 
@@ -199,6 +201,7 @@ class GMSA:
         batch_size: int = 8,
         window: int | None = None,
         overlap: int | None = None,
+        progress: bool = False,
     ) -> Compressed:
         """Compress each text into ``ceil(n_tokens / rate)`` soft tokens.
 
@@ -207,7 +210,7 @@ class GMSA:
         multiple of ``rate``); see :mod:`gmsa.chunking`. The windows of all texts are encoded
         together in length-sorted batches of ``batch_size`` and each text's soft tokens are
         concatenated in order: ``sum_w ceil(new_w / rate)`` of them, which is ``ceil(n / rate)``
-        when ``window - overlap`` is a multiple of the rate.
+        when ``window - overlap`` is a multiple of the rate. ``progress``: a bar over the batches (several, on a tty).
         """
         texts = _as_text_list(texts, "texts")
         rate = _check_rate(self.config.default_rate if rate is None else rate)
@@ -215,7 +218,8 @@ class GMSA:
         ids = self.tokenize_contexts(texts)
         windows = plan_windows([len(row) for row in ids], window, overlap)
         drops = [soft_tokens_to_drop(item, rate) for item in windows]
-        pieces = self._compress_windows([ids[w.text][w.start : w.stop] for w in windows], rate, batch_size)
+        rows = [ids[w.text][w.start : w.stop] for w in windows]
+        pieces = self._compress_windows(rows, rate, batch_size, progress)
         per_text: list[list[torch.Tensor]] = [[] for _ in texts]
         for item, drop, piece in zip(windows, drops, pieces):
             per_text[item.text].append(piece[drop:])
@@ -228,13 +232,17 @@ class GMSA:
             extra={"backbone": self.config.backbone, "window": window, "overlap": overlap},
         )
 
-    def _compress_windows(self, rows: list[list[int]], rate: int, batch_size: int) -> list[torch.Tensor]:
+    def _compress_windows(
+        self, rows: list[list[int]], rate: int, batch_size: int, progress: bool = False
+    ) -> list[torch.Tensor]:
         """Soft tokens ``(ceil(len / rate), H)`` of each id list, batched by similar length.
 
         The returned tensors are views into the batch outputs; the caller copies (``torch.cat``).
         """
         pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-        for batch in length_sorted_batches([len(row) for row in rows], batch_size):
+        batches = length_sorted_batches([len(row) for row in rows], batch_size)
+        shown = progress and len(batches) > 1
+        for batch in tqdm(batches, desc="compress", unit="batch", disable=None if shown else True, leave=False):
             context_ids, context_mask = pad([rows[i] for i in batch], self.tokenizer.pad_token_id)
             soft, soft_mask = self._soft_tokens(context_ids.to(self.device), context_mask.to(self.device), rate)
             for j, (i, count) in enumerate(zip(batch, soft_mask.sum(dim=1).tolist())):
@@ -311,10 +319,18 @@ class GMSA:
 
     @torch.inference_mode()
     def _decode(
-        self, compressed: Compressed, prompts: list[str], max_new_tokens: list[int], repetition_penalty: float
+        self,
+        compressed: Compressed,
+        prompts: list[str],
+        max_new_tokens: list[int],
+        repetition_penalty: float,
+        min_new_tokens: int = 0,
+        **local,
     ) -> list[str]:
+        """Greedy texts; ``local`` (``repeat_ngram``, ``streamer``) applies to in-process decoding only."""
         if self.engine is not None:
-            return self.engine.generate(self._prompt_rows(compressed, prompts), max_new_tokens, repetition_penalty)
+            rows = self._prompt_rows(compressed, prompts)
+            return self.engine.generate(rows, max_new_tokens, repetition_penalty, min_new_tokens)
         packed = self._decoder_prompt(compressed, prompts)
         return greedy_texts(
             self.model.decoder,
@@ -323,6 +339,8 @@ class GMSA:
             packed.attention_mask,
             max_new_tokens,
             repetition_penalty,
+            min_new_tokens=min_new_tokens,
+            **local,
         )
 
     @staticmethod
@@ -348,34 +366,53 @@ class GMSA:
         max_new_tokens: int = 100,
         repetition_penalty: float = 1.3,
         batch_size: int = 8,
+        streamer=None,
     ) -> list[str]:
         """Answer questions from compressed contexts (greedy).
 
         ``questions[i]`` is asked of context ``i``; a single compressed context is shared by
         all questions (compress once, ask many). With ``self.engine`` set (see :mod:`gmsa.engines`)
-        the decoding runs there, from :meth:`prompt_embeds`; otherwise in this process.
+        the decoding runs there, from :meth:`prompt_embeds`; otherwise in this process, where a
+        ``streamer`` (e.g. ``transformers.TextStreamer``) gets the answers' tokens one question at a time.
         """
         questions = _as_text_list(questions, "questions")
         compressed = self._paired(compressed, questions)
         batch_size = batch_size if self.engine is None else len(questions)  # an engine batches by itself
+        batch_size = 1 if streamer is not None and self.engine is None else batch_size
+        local = {} if streamer is None else {"streamer": streamer}
         answers: list[str] = []
         for start in range(0, len(questions), batch_size):
             part = slice(start, start + batch_size)
-            n = len(questions[part])
-            answers += self._decode(compressed[part], questions[part], [max_new_tokens] * n, repetition_penalty)
+            limits = [max_new_tokens] * len(questions[part])
+            answers += self._decode(compressed[part], questions[part], limits, repetition_penalty, **local)
         return answers
 
-    def reconstruct(self, compressed: Compressed, batch_size: int = 8, slack: float = 1.25) -> list[str]:
+    def reconstruct(
+        self,
+        compressed: Compressed,
+        batch_size: int = 8,
+        slack: float = 1.25,
+        max_new_tokens: int | None = None,
+        repeat_ngram: int = 8,
+        streamer=None,
+    ) -> list[str]:
         """Ask the decoder to restate each compressed text (AE prompt, greedy, no penalty).
 
+        A restatement has at least one token and at most ``slack`` times its source's token
+        count (+ 8), or ``max_new_tokens``; it stops once its last ``repeat_ngram`` tokens repeat
+        (0: never; in-process decoding only, as is ``streamer``, which gets one text at a time).
         A KEFT decoder LoRA is switched off meanwhile: restating is the AE stage's task.
         """
+        if streamer is not None and self.engine is None:
+            batch_size = 1
         texts: list[str] = []
         with autoencoder_decoder(self.model):
             for start in range(0, len(compressed), batch_size):
                 part = compressed[start : start + batch_size]
                 limits = [int(n * slack) + 8 for n in part.n_tokens]
-                texts += self._decode(part, [self.config.ae_prompt] * len(part), limits, 1.0)
+                limits = limits if max_new_tokens is None else [min(n, max_new_tokens) for n in limits]
+                local = {"repeat_ngram": repeat_ngram} | ({} if streamer is None else {"streamer": streamer})
+                texts += self._decode(part, [self.config.ae_prompt] * len(part), limits, 1.0, 1, **local)
         return texts
 
 

@@ -88,6 +88,26 @@ def penalise_repeats(logits: torch.Tensor, generated: torch.Tensor, penalty: flo
     return logits.scatter(1, generated, scores)
 
 
+class RepeatDetector:
+    """Flags a sample whose last ``n`` generated tokens already occurred in that order before."""
+
+    def __init__(self, batch: int, n: int):
+        self.n = n
+        self.seen: list[set[tuple[int, ...]]] = [set() for _ in range(batch)]
+
+    def update(self, generated: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """``(B, steps)`` ids so far, ``(B,)`` already-finished flags -> ``(B,)`` "just looped" flags."""
+        looped = torch.zeros_like(finished)
+        if self.n < 1 or generated.shape[1] < self.n:
+            return looped
+        for i, row in enumerate(generated[:, -self.n :].tolist()):
+            gram = tuple(row)
+            if not finished[i]:
+                looped[i] = gram in self.seen[i]
+                self.seen[i].add(gram)
+        return looped
+
+
 @torch.inference_mode()
 def greedy_generate(
     decoder: PreTrainedModel,
@@ -97,6 +117,9 @@ def greedy_generate(
     repetition_penalty: float = 1.0,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    min_new_tokens: int = 0,
+    repeat_ngram: int = 0,
+    streamer=None,
 ) -> tuple[torch.Tensor, DynamicCache]:
     """Greedy decoding after one prefill over left-padded input embeddings.
 
@@ -105,6 +128,11 @@ def greedy_generate(
         attention_mask: ``(B, T)`` 1 for real positions.
         eos_token_id: a sample stops after emitting it (later slots get ``pad_token_id``);
             ``None`` always generates ``max_new_tokens`` tokens.
+        min_new_tokens: EOS is not chosen before this many tokens (1: never an empty answer).
+        repeat_ngram: ``n > 0`` stops a sample once its last ``n`` tokens repeat ``n`` tokens it
+            generated before (greedy decoding that loops never leaves the loop).
+        streamer: a ``transformers`` streamer (e.g. ``TextStreamer``) that gets each new token;
+            batch size 1 only.
 
     Returns:
         ``(B, n)`` generated ids (``n <= max_new_tokens``: stops early once all samples ended),
@@ -113,6 +141,9 @@ def greedy_generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
     batch, length, _ = inputs_embeds.shape
+    if streamer is not None and batch != 1:
+        raise ValueError(f"a streamer needs one prompt at a time, got {batch}")
+    loops = RepeatDetector(batch, repeat_ngram)
     cache = reserved_cache(decoder, length + max_new_tokens)
     mask = attention_mask.to(torch.long)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -129,12 +160,16 @@ def greedy_generate(
     next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         logits = penalise_repeats(output.logits[:, -1].float(), generated, repetition_penalty)
-        token = logits.argmax(dim=-1)
+        if eos_token_id is not None and step < min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
+        token = torch.where(finished, torch.full_like(finished, pad_token_id, dtype=torch.long), logits.argmax(dim=-1))
         if eos_token_id is not None:
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             finished |= token == eos_token_id
         generated = torch.cat([generated, token[:, None]], dim=1)
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+        finished |= loops.update(generated, finished)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if step == max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         output = decoder(
@@ -145,6 +180,8 @@ def greedy_generate(
             use_cache=True,
         )
         next_position = next_position + 1
+    if streamer is not None:
+        streamer.end()
     return generated, cache
 
 
@@ -155,10 +192,12 @@ def greedy_texts(
     attention_mask: torch.Tensor,
     max_new_tokens: list[int],
     repetition_penalty: float = 1.0,
+    **stopping,
 ) -> list[str]:
     """Greedy answers as text: ``(B, T, H)`` left-padded embeds + ``(B, T)`` mask -> ``B`` strings.
 
     Row ``i`` keeps at most ``max_new_tokens[i]`` tokens, cut at the tokenizer's EOS.
+    ``stopping``: ``min_new_tokens``, ``repeat_ngram``, ``streamer`` of :func:`greedy_generate`.
     """
     output, _ = greedy_generate(
         decoder,
@@ -168,6 +207,7 @@ def greedy_texts(
         repetition_penalty=repetition_penalty,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **stopping,
     )
     return [
         tokenizer.decode(row[:limit], skip_special_tokens=True).strip()

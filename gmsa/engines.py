@@ -28,13 +28,13 @@ import torch
 
 from .backbone import cache_root
 from .decoding import greedy_texts
+from .engine_args import ENGINES, add_engine_args  # noqa: F401  (re-exported)
 from .model import pack
 from .version import __version__
 
 if TYPE_CHECKING:
     from .api import GMSA
 
-ENGINES = ("hf", "vllm")
 EXPORT_INFO = "gmsa_decoder.json"
 INSTALL_HINT = (
     "install vLLM's CPU build in its own virtual environment (it pins other transformers versions than gmsa):\n"
@@ -55,9 +55,14 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompt_embeds: list[torch.Tensor], max_new_tokens: int | list[int], repetition_penalty: float = 1.0
+        self,
+        prompt_embeds: list[torch.Tensor],
+        max_new_tokens: int | list[int],
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
     ) -> list[str]:
-        """Answer each ``(n_i, H)`` prompt with at most ``max_new_tokens`` (per prompt, or one for all) tokens."""
+        """Answer each ``(n_i, H)`` prompt with at most ``max_new_tokens`` (per prompt, or one for all) tokens,
+        and no end-of-sequence before ``min_new_tokens`` tokens."""
 
 
 def _limits(max_new_tokens: int | list[int], n: int) -> list[int]:
@@ -73,7 +78,7 @@ class HFEngine(Engine):
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
 
     @torch.inference_mode()
-    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0):
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0):
         limits = _limits(max_new_tokens, len(prompt_embeds))
         param = next(self.decoder.parameters())
         texts: list[str] = []
@@ -82,7 +87,13 @@ class HFEngine(Engine):
             packed = pack(rows, left_pad=True)
             part = limits[start : start + self.batch_size]
             texts += greedy_texts(
-                self.decoder, self.tokenizer, packed.inputs_embeds, packed.attention_mask, part, repetition_penalty
+                self.decoder,
+                self.tokenizer,
+                packed.inputs_embeds,
+                packed.attention_mask,
+                part,
+                repetition_penalty,
+                min_new_tokens=min_new_tokens,
             )
         return texts
 
@@ -98,14 +109,18 @@ def import_vllm():
     return vllm
 
 
-def sampling_params(vllm, max_new_tokens: int, repetition_penalty: float):
+def sampling_params(vllm, max_new_tokens: int, repetition_penalty: float, min_new_tokens: int = 0):
     """vLLM sampling settings matching gmsa's greedy decoding (temperature 0, no token cap but ours).
 
     vLLM also penalises *prompt* token ids when ``repetition_penalty != 1``; for embedding-only
     prompts those ids are unknown, so answers match the HF engine exactly only at 1.0.
     """
     return vllm.SamplingParams(
-        temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=repetition_penalty, skip_special_tokens=True
+        temperature=0.0,
+        max_tokens=max_new_tokens,
+        min_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty,
+        skip_special_tokens=True,
     )
 
 
@@ -119,9 +134,9 @@ class VLLMEngine(Engine):
         self.model_dir = str(model_dir)
         self.llm = self.vllm.LLM(model=self.model_dir, enable_prompt_embeds=True, dtype=dtype, **llm_kwargs)
 
-    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0):
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0):
         limits = _limits(max_new_tokens, len(prompt_embeds))
-        params = [sampling_params(self.vllm, n, repetition_penalty) for n in limits]
+        params = [sampling_params(self.vllm, n, repetition_penalty, min_new_tokens) for n in limits]
         prompts = [{"prompt_embeds": row.detach().cpu()} for row in prompt_embeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [output.outputs[0].text.strip() for output in outputs]
@@ -156,7 +171,7 @@ class VLLMServerEngine(Engine):
             detail = err.read().decode(errors="replace")[:500] if hasattr(err, "read") else ""
             raise EngineUnavailableError(f"vLLM server at {self.url}{path} failed: {err} {detail}") from err
 
-    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0):
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0):
         limits = _limits(max_new_tokens, len(prompt_embeds))
         texts: list[str | None] = [None] * len(prompt_embeds)
         for limit in sorted(set(limits)):  # one request per token limit (usually one in all)
@@ -165,6 +180,7 @@ class VLLMServerEngine(Engine):
                 "model": self.model,
                 "prompt_embeds": [encode_embeds(prompt_embeds[i]) for i in picked],
                 "max_tokens": limit,
+                "min_tokens": min_new_tokens,
                 "temperature": 0.0,
                 "repetition_penalty": repetition_penalty,
             }
@@ -230,15 +246,6 @@ def check_export(gmsa: GMSA, model_dir: str | Path) -> None:
 
 
 # --------------------------------------------------------------------- command line
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """``--engine``, ``--engine-url``, ``--engine-model`` (shared by ``gmsa answer`` and ``gmsa serve``)."""
-    parser.add_argument("--engine", choices=ENGINES, default="hf", help="where the decoder runs (default: hf)")
-    parser.add_argument("--engine-url", default=None, help="a `vllm serve --enable-prompt-embeds` server (vllm)")
-    parser.add_argument(
-        "--engine-model", default=None, help="exported decoder directory for vllm (default: exported into the cache)"
-    )
-
-
 def engine_from_args(args: argparse.Namespace, gmsa: GMSA) -> Engine | None:
     """The engine the options ask for; ``None`` for ``hf`` (gmsa decodes in this process)."""
     if args.engine == "hf":

