@@ -6,7 +6,7 @@ Prints one JSON row per configuration and writes them to reports/train/throughpu
 Tokens counted = context tokens + target tokens per step (what the run actually processes).
 ``precision``: ``fp32``; ``bf16-autocast`` (fp32 weights, autocast re-casts the frozen ones every
 step); ``bf16-held`` (what ``dtype = "auto"`` does where bf16 pays: frozen weights held in bf16
-once, trainable ones fp32, autocast). ``bf16-held`` converts the shared decoder, so it runs last.
+once, trainable ones fp32, autocast). Each configuration gets a freshly loaded backbone (a decoder LoRA or bf16 casting changes it in place).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ CONFIGS = [
 ]
 
 
-def measure(decoder, tokenizer, examples, setting: dict, steps: int) -> dict:
+def measure(tokenizer, examples, setting: dict, steps: int) -> dict:
+    decoder, _ = load_backbone()
     config = GMSAConfig(k_enc=setting["k_enc"], ae_decoder_lora_r=setting["ae_decoder_lora"])
     model = GMSAModel(decoder, config)
     set_stage(model, "ae")
@@ -79,7 +80,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     choice = resolve_dtype("auto")
     print(f"dtype auto would pick {choice.name}: {choice.reason}", flush=True)
-    decoder, tokenizer = load_backbone()
+    _, tokenizer = load_backbone()
     rows = read_jsonl(args.data)
     examples = autoencoder_examples(rows, tokenizer, GMSAConfig().ae_prompt, 10**6)
     examples = [e for e in examples if len(e.context) >= args.tokens][: args.batch]
@@ -88,7 +89,7 @@ def main() -> None:
         e.target = e.context + [tokenizer.eos_token_id]
     results = []
     for setting in CONFIGS:
-        results.append(measure(decoder, tokenizer, examples, setting, args.steps))
+        results.append(measure(tokenizer, examples, setting, args.steps))
         print(json.dumps(results[-1]), flush=True)
     meta = {
         "threads": torch.get_num_threads(),
