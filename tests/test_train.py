@@ -44,6 +44,7 @@ def tiny_config(backbone_dir, ae_files, out_dir, **overrides) -> TrainConfig:
         save_every_min=1000,
         rates=[2, 4],
         min_tokens=1,
+        dtype="float32",  # exact comparisons; "auto" is tested on its own
     )
     return TrainConfig(**(values | overrides))
 
@@ -186,3 +187,19 @@ def test_keep_every_writes_loadable_snapshots(backbone_dir, ae_files, tmp_path):
     snapshots = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
     assert snapshots == ["step-2", "step-4"]
     assert GMSA.from_pretrained(tmp_path / "run" / "snapshots" / "step-2", backbone=str(backbone_dir)) is not None
+
+
+def test_bf16_holds_frozen_weights_in_bf16_and_trains_fp32_ones(backbone_dir, ae_files, tmp_path):
+    trainer = Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "bf16", max_steps=2, dtype="bfloat16"))
+    params = dict(trainer.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in params.values() if p.requires_grad)
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if not p.requires_grad and "decoder." in n)
+    before = {n: p.clone() for n, p in params.items() if p.requires_grad}
+    trainer.run()
+    assert any(not torch.equal(params[n], p) for n, p in before.items())
+
+
+def test_auto_dtype_is_measured_and_reported(backbone_dir, ae_files, tmp_path):
+    trainer = Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "auto", max_steps=1, dtype="auto"))
+    assert trainer.compute.dtype in {torch.float32, torch.bfloat16}
+    assert "than fp32" in trainer.compute.reason or "speed of fp32" in trainer.compute.reason
