@@ -159,7 +159,7 @@ def evaluate(task: str, models: dict[str, Path | str], payload: Path, work: Path
     command += [arg for label, source in models.items() for arg in ("--model", f"{label}={source}")]
     command += ["--rates", "4", "8", "--limit", str(args.eval_limit), "--out", str(out)]
     command += ["--cache-dir", str(work / "eval-cache")]
-    command += ["--batch-size", "2" if args.dry_run else "32"]
+    command += ["--batch-size", "2", "--device", "cpu"] if args.dry_run else ["--batch-size", "32", "--device", "cuda"]
     if task == "qa":
         command += ["--baselines", "uncompressed", "closed-book", "--max-new-tokens", "8" if args.dry_run else "48"]
     else:
