@@ -9,6 +9,8 @@ validation loss, each as a ratio to the exact resume of the same run::
 
     python benchmarks/rewarm_cost.py                      # tiny random backbone, ~1-2 min on 1 thread
     python benchmarks/rewarm_cost.py --backbone default --data data/ae/train.jsonl --steps 60 --split 30
+    python benchmarks/rewarm_cost.py --from checkpoints/ae --config configs/ae.toml --data D --steps 2620
+        # from an existing exact state (its exact/ or a legacy state.pt), with that run's own recipe
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gmsa import resume  # noqa: E402
 from gmsa.train import TrainConfig, Trainer  # noqa: E402
 
-REWARMS = (0, 5, 20, 50)
+REWARMS = (0, 5, 20, 50)  # --rewarms to choose
 
 
 def tiny_setup(root: Path) -> tuple[str, str]:
@@ -69,8 +72,16 @@ def config(args, backbone: str, data: str, out: Path, **overrides) -> TrainConfi
     return TrainConfig(**(values | overrides))
 
 
+def recipe_config(args, out: Path, **overrides) -> TrainConfig:
+    """``--config`` (the run's own recipe) with the benchmark's data, output and stopping step."""
+    values = [f"data={json.dumps(args.data)}", f"val_data={json.dumps(args.data)}", f"out_dir={json.dumps(str(out))}"]
+    values += [f"stop_at_step={args.steps}", f"eval_every={args.steps}", "save_every_min=1e9", "threads=1"]
+    values += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return TrainConfig.from_sources([args.config], values)
+
+
 def losses(out: Path, start: int) -> tuple[list[float], float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     train = [r["loss"] for r in rows if "loss" in r and r["step"] > start]
     val = [r for r in rows if "val_loss_x2" in r or "val_loss_x4" in r][-1]
     return train, statistics.fmean(v for k, v in val.items() if k.startswith("val_loss"))
@@ -83,22 +94,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--split", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from", dest="start", type=Path, default=None, help="an existing exact state to split at")
+    parser.add_argument("--config", default="configs/ae.toml", help="with --from: the recipe of that run")
+    parser.add_argument("--rewarms", type=int, nargs="+", default=list(REWARMS), help="re-warm lengths to try")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="rewarm-"))
     try:
-        backbone, data = tiny_setup(root) if args.backbone == "tiny" else (args.backbone, args.data)
-        Trainer(config(args, backbone, data, root / "first", stop_at_step=args.split, eval_every=0)).run()
-        variants = {"exact": root / "first"}
-        for rewarm in REWARMS:
+        if args.start is not None:
+            state = resume.read(args.start)
+            assert state is not None and state.exact, f"{args.start} holds no exact state"
+            args.split, args.backbone = state.counters["step"], "recipe"
+            make = lambda out, **o: recipe_config(args, out, **o)  # noqa: E731
+            first = args.start
+        else:
+            backbone, data = tiny_setup(root) if args.backbone == "tiny" else (args.backbone, args.data)
+            make = lambda out, **o: config(args, backbone, data, out, **o)  # noqa: E731
+            first = root / "first"
+            Trainer(make(first, stop_at_step=args.split, eval_every=0)).run()
+        variants = {"exact": first}
+        for rewarm in args.rewarms:
             clone = root / f"clone-{rewarm}"
             clone.mkdir()
-            for name in ("model", "resume.json", "metrics.jsonl"):
-                (shutil.copytree if name == "model" else shutil.copyfile)(root / "first" / name, clone / name)
+            shutil.copytree(first / "model", clone / "model")
+            shutil.copyfile(first / "resume.json", clone / "resume.json")
             variants[f"rewarm {rewarm}"] = clone
         results = {}
         for label, source in variants.items():
             out = root / f"run-{label.replace(' ', '-')}"
-            Trainer(config(args, backbone, data, out, resume_from=str(source), rewarm_steps=rewarm_of(label))).run()
+            Trainer(make(out, resume_from=str(source), rewarm_steps=rewarm_of(label))).run()
             results[label] = losses(out, args.split)
         report(results, args)
     finally:
@@ -111,7 +134,10 @@ def rewarm_of(label: str) -> int:
 
 
 def report(results: dict, args) -> None:
-    windows = [(args.split, args.split + 10), (args.split + 10, args.steps)]
+    windows = [
+        (args.split, args.split + (args.steps - args.split) // 3),
+        (args.split + (args.steps - args.split) // 3, args.steps),
+    ]
     exact_train, exact_val = results["exact"]
     print(f"steps {args.split}->{args.steps}, backbone {args.backbone}; loss / exact-resume loss")
     header = [f"train {a + 1}-{b}" for a, b in windows] + ["final val"]

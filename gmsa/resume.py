@@ -139,7 +139,11 @@ def source(out: Path, resume_from: str = "") -> Path | None:
 
 
 def read(directory: Path) -> RunState | None:
-    """The state in ``directory`` (``resume.json`` first, else a legacy ``state.pt``), or None."""
+    """The newest state in ``directory``, or None.
+
+    ``exact/`` or a legacy ``state.pt`` (exact: fp32 weights + AdamW moments) when at or past the step of
+    ``resume.json``; else ``resume.json`` with the bf16 weights of ``model/`` (the optimizer is re-warmed).
+    """
     directory = Path(directory)
     exact = directory / EXACT_DIR
     counters = json.loads((directory / STATE_NAME).read_text()) if (directory / STATE_NAME).is_file() else None
