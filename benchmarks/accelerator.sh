@@ -12,7 +12,8 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # the accelerator image's python; here the project venv when there is one
+if [[ -z ${PYTHON:-} && -x $REPO/.venv/bin/python ]]; then PY=$REPO/.venv/bin/python; fi
 ACCEL=${GMSA_ACCEL_DIR:-$REPO/.accel}
 STASH=${GMSA_ACCEL_STASH:-/tmp/gmsa-accel}
 mode=device
