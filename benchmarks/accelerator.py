@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STARTED = time.time()
+STARTED = float(os.environ.get("GMSA_ACCEL_T0") or time.time())  # accelerator.sh's start: setup counts too
 # what gmsa needs on the image; minimums are the oldest versions this code is known to run with
 NEEDED = {"torch": "2.4", "transformers": "5.0", "peft": "0.13", "safetensors": "0.4", "tokenizers": "0.20"}
 NEEDED |= {"sacrebleu": "2.0", "tqdm": "4.0", "numpy": "1.24", "gguf": "0.10", "rouge-score": "0.1", "nltk": "3.8"}
@@ -125,7 +125,7 @@ def train_stage(stage: str, payload: Path, work: Path, args: argparse.Namespace,
     trainer.run()
     rows = [json.loads(line) for line in (work / stage / "metrics.jsonl").read_text().splitlines()]
     step_s = statistics.median([r["step_s"] for r in rows if "step_s" in r][2:] or [rows[-1]["step_s"]])
-    left = seconds - (time.time() - began) - args.eval_reserve_s
+    left = seconds - (time.time() - began) - args.save_reserve_s
     steps = max(trainer.step + 1, planned_steps(cfg, trainer.step, step_s, trainer.cap, 0.92 * left))
     if args.dry_run:
         steps = trainer.step + 1
@@ -164,7 +164,12 @@ def evaluate(task: str, models: dict[str, Path | str], payload: Path, work: Path
         command += ["--baselines", "uncompressed", "closed-book", "--max-new-tokens", "8" if args.dry_run else "48"]
     else:
         command += ["--no-semantic"]
-    done = subprocess.run(command, cwd=REPO, env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}, check=False)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    seconds = max(10.0, args.deadline_min * 60 - (time.time() - STARTED) - 10)
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, check=False, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return {"error": f"gmsa eval {task} ran past the deadline ({seconds:.0f} s)"}
     if done.returncode:
         return {"error": f"gmsa eval {task} exited {done.returncode}"}
     (out / "predictions.jsonl").unlink(missing_ok=True)  # large; the metrics are in results.json
@@ -206,7 +211,6 @@ def write_out(bundle: Path, out: Path) -> dict:
     manifest = transport.pack(bundle, out, "checkpoint", int(PART_MIB * transport.MIB))
     if len(manifest["parts"]) > MAX_PARTS:
         raise SystemExit(f"accelerator: FAIL: the result needs {len(manifest['parts'])} parts > {MAX_PARTS}")
-    shutil.copyfile(bundle / "results.json", out / "results.json")
     return manifest
 
 
@@ -218,18 +222,20 @@ def train(args: argparse.Namespace) -> int:
     from gmsa.backbone import default_backbone_dir
 
     log(f"backbone ready: {default_backbone_dir()}")
-    budget = min(60 * args.minutes, args.deadline_min * 60 - (time.time() - STARTED) - args.eval_reserve_s * 2)
+    budget = min(60 * args.minutes, args.deadline_min * 60 - (time.time() - STARTED) - args.eval_reserve_s)
     results = {"versions": versions, "budget_s": round(budget, 1), "minutes": args.minutes, "dry_run": args.dry_run}
     results["ae"] = train_stage("ae", payload, work, args, budget * args.ae_share)
     results["keft"] = train_stage("keft", payload, work, args, budget - results["ae"]["seconds"])
+    # the checkpoint goes to $OUT first: an evaluation that overruns the call cannot take it along
+    manifest = write_out(collect(work, results | {"evaluation": "see $OUT/results.json"}), out)
+    log(f"wrote {len(manifest['parts'])} parts ({manifest['bytes'] / 2**20:.1f} MiB) to {out}")
     results["qa"] = evaluate("qa", {"new": work / "keft" / "model", "shipped": "default"}, payload, work, args)
     rec_models = {"new": work / "keft" / "model", "new_ae": work / "ae" / "model", "shipped": "default"}
     results["reconstruct"] = evaluate("reconstruct", rec_models, payload, work, args)
     results["beats_shipped"] = beats_shipped(results["qa"], results["reconstruct"])
     results["wall_s"] = round(time.time() - STARTED, 1)
-    manifest = write_out(collect(work, results), out)
-    log(f"wrote {len(manifest['parts'])} parts ({manifest['bytes'] / 2**20:.1f} MiB) + results.json to {out}")
-    log(f"beats shipped: {json.dumps(results['beats_shipped'])}")
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    log(f"results.json written; beats shipped: {json.dumps(results['beats_shipped'])}")
     return 0
 
 
@@ -254,13 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-steps", type=int, default=CALIBRATION_STEPS)
     p.add_argument("--validations", type=int, default=6, help="validation rows per stage")
     p.add_argument("--eval-limit", type=int, default=100, help="test examples per evaluation")
-    p.add_argument("--eval-reserve-s", type=float, default=30.0, help="seconds kept per stage for its last save")
+    p.add_argument("--save-reserve-s", type=float, default=15.0, help="seconds kept per stage for its last save")
+    p.add_argument("--eval-reserve-s", type=float, default=90.0, help="seconds kept for evaluation and writing $OUT")
     args = parser.parse_args(argv)
     if args.command == "check":
         check(args.dry_run, args.early)
         return 0
     if args.dry_run:
         args.calibration_steps, args.validations, args.eval_limit = 2, 1, 2
+        args.deadline_min = max(args.deadline_min, 60.0)  # a slow CPU is no 10-minute call
     return train(args)
 
 

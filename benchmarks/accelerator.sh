@@ -10,6 +10,7 @@
 #   here, after:       python -m gmsa.transport unpack <files_at>/checkpoint.json runs/accelerator
 #   here, on the CPU:  OUT=$(mktemp -d) bash benchmarks/accelerator.sh --dry-run   # the same, tiny, in minutes
 set -euo pipefail
+export GMSA_ACCEL_T0=${GMSA_ACCEL_T0:-$(date +%s)}  # the run's deadline counts from here
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 PY=${PYTHON:-python3}  # the accelerator image's python; here the project venv when there is one

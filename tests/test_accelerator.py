@@ -85,5 +85,6 @@ def test_dry_run_leaves_a_loadable_checkpoint_in_small_parts(tmp_path):
     assert results["ae"]["steps"] == results["keft"]["steps"] == 3
     assert "rows" in results["qa"] and "rows" in results["reconstruct"], results
     assert not (back / "ae" / "exact").exists() and (back / "ae" / "resume.json").is_file()
+    assert (back / "ae" / "metrics.jsonl").is_file() and (back / "keft" / "metrics.jsonl").is_file()  # the curves
     after = sorted((REPO / ".accel").glob("*")) if (REPO / ".accel").is_dir() else []
     assert after == before  # a dry run packs into a temporary folder, never into the real .accel/
