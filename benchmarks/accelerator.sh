@@ -10,6 +10,7 @@
 #   here, after:       python -m gmsa.transport unpack <files_at>/checkpoint.json runs/accelerator
 #   here, on the CPU:  OUT=$(mktemp -d) bash benchmarks/accelerator.sh --dry-run   # the same, tiny, in minutes
 set -euo pipefail
+main() {
 export GMSA_ACCEL_T0=${GMSA_ACCEL_T0:-$(date +%s)}  # the run's deadline counts from here
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -93,3 +94,5 @@ if ((smoke)); then  # a tiny AE + KEFT run on a random backbone: an API differen
     tests/test_resume.py::test_fresh_clone_resumes_from_committed_weights_without_writing_there
 fi
 "$PY" benchmarks/accelerator.py train --payload "$payload" --work "$STASH/work" --out "$OUT" "${dry[@]}" "${extra[@]}"
+}
+main "$@"  # the whole file is parsed before it runs: editing it mid-run is safe
