@@ -1,10 +1,12 @@
 """Training the GMSA stages: ``ae`` (reconstruct the context) and ``keft`` (answer questions),
 plus ``warmup``, a cheap token-probe objective that can precede ``ae`` (``gmsa/warmup.py``).
 
-Resumable: ``out_dir/state.pt`` holds trained weights, optimizer, scheduler, step, data
-position and RNG; ``out_dir/model/`` is the latest exported checkpoint; ``out_dir/metrics.jsonl``
-gets one row per step and one per validation. Under ``torchrun`` it trains data-parallel with
-DDP or FSDP2 (``parallel``); the checkpoint format is the same for all three (docs/distributed.md).
+Resumable without pickles (``gmsa/resume.py``): ``out_dir/model/`` is the latest exported checkpoint
+(bf16), ``out_dir/resume.json`` the step, data position, RNG and schedule, ``out_dir/exact/`` (local
+only) the fp32 weights and AdamW moments; ``out_dir/metrics.jsonl`` gets one row per step and one per
+validation. A run with no state of its own starts from ``resume_from`` (a shipped resume point such as
+``checkpoints/ae``) and re-warms the optimizer; training writes only into ``out_dir``. Under ``torchrun`` it
+trains data-parallel with DDP or FSDP2 (``parallel``); the format is the same for all three (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import signal
 import threading
 import time
@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, resume
 from .api import GMSA, load_trained
 from .config import GMSAConfig, ae_prompt_text
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl, subsample_sources
@@ -53,6 +53,8 @@ class TrainConfig:
     data: str = "data/ae/train.jsonl"
     val_data: str = "data/ae/val.jsonl"
     out_dir: str = "runs/ae"
+    resume_from: str = ""  # a resume point (model/ + resume.json) to continue when out_dir has no state of its own
+    rewarm_steps: int = 20  # after a resume without optimizer moments, ramp the lr up over this many steps
     init: str = ""  # GMSA checkpoint to start from (KEFT starts from the AE one); "" = fresh
     backbone: str = "default"
     k_enc: int = 8
@@ -171,6 +173,8 @@ def build_model(cfg: TrainConfig) -> GMSA:
 def load_examples(
     cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int, source_fractions: dict[str, float] | None = None
 ) -> list[Example]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no data file {path}: build the corpora with `gmsa data prepare --out data` first")
     rows = subsample_sources(read_jsonl(path), source_fractions or {}, cfg.seed)
     if cfg.stage in {"warmup", "ae"}:
         return autoencoder_examples(rows, gmsa.tokenizer, gmsa.config.ae_prompt, max_tokens, cfg.min_tokens)
@@ -195,7 +199,7 @@ class Objective(nn.Module):
 
 
 class Trainer:
-    """One training run; ``run()`` resumes from ``out_dir/state.pt`` when it exists."""
+    """One training run; ``run()`` resumes from ``out_dir`` (or ``resume_from``) when it holds a state."""
 
     def __init__(self, cfg: TrainConfig):
         if cfg.stage not in STAGES:
@@ -228,14 +232,20 @@ class Trainer:
         self.examples = load_examples(cfg, cfg.data, self.gmsa, cfg.max_tokens, cfg.source_fractions)
         self.val = load_examples(cfg, cfg.val_data, self.gmsa, cfg.eval_max_tokens)[: cfg.eval_examples]
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_lr(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        )
+        self.rewarm_from = -1  # the step a resume without optimizer moments started at
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self._lr_factor(s))
         self.step = 0
         self.elapsed = 0.0
         self.tokens_seen = 0
         self.cap = cfg.max_tokens_at(0)
         self.stream = self._stream(self.cap)
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        factor = cosine_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        if self.rewarm_from >= 0 and cfg.rewarm_steps > 0:
+            factor *= min(1.0, (step - self.rewarm_from + 1) / cfg.rewarm_steps)
+        return factor
 
     def _wrap(self, objective: Objective) -> nn.Module:
         """DDP or FSDP2 around the objective when torchrun started several ranks; the objective itself otherwise."""
@@ -284,7 +294,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
-        """Rank 0 writes ``state.pt`` and ``model/``; under FSDP every rank first helps gather the full tensors."""
+        """Rank 0 writes ``exact/``, ``model/`` and ``resume.json``; under FSDP every rank first helps gather."""
         if not (self.dist.is_main or self.sharded):
             return
         trained = distributed.gathered(trained_state_dict(self.model))
@@ -292,24 +302,21 @@ class Trainer:
         probe = distributed.gathered(self.probe.state_dict()) if self.probe is not None else None
         if not self.dist.is_main:
             return
-        state = {
-            "trained": trained,
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
+        counters = {
+            "stage": self.cfg.stage,
             "step": self.step,
             "elapsed": self.elapsed,
             "tokens_seen": self.tokens_seen,
             "cap": self.cap,
             "position": self.stream.position,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": resume.rng_state(),
+            "scheduler": self.scheduler.state_dict(),
             "config": dataclasses.asdict(self.cfg),
+            "rewarm_from": self.rewarm_from,
         }
-        if probe is not None:
-            state["probe"] = probe
-        tmp = self.out / "state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / "state.pt")
+        resume.write_exact(self.out, counters, trained, optimizer, probe)
         self.gmsa.save_pretrained(self.out / "model", weights=trained)
+        resume.write_counters(self.out, counters)
 
     def keep_snapshot(self) -> None:
         """Write the trained weights (no optimizer) to ``snapshots/step-{step}`` for later benchmarks."""
@@ -320,25 +327,39 @@ class Trainer:
             self.gmsa.save_pretrained(self.out / "snapshots" / f"step-{self.step}", weights=trained)
 
     def resume(self) -> bool:
-        path = self.out / "state.pt"
-        if not path.is_file():
+        """Continue from ``out_dir``'s state, else from ``resume_from``; False (fresh start) when neither has one."""
+        source = resume.source(self.out, self.cfg.resume_from)
+        if source is None:
             return False
-        state = torch.load(path, weights_only=False, map_location="cpu")
-        load_trained(self.model, state["trained"], path)
-        if self.probe is not None:
+        state = resume.read(source)
+        load_trained(self.model, state.trained, state.source)
+        if self.probe is not None and state.probe is not None:
             ours = self.probe.state_dict()
-            self.probe.load_state_dict({k: distributed.shard_like(v, ours[k]) for k, v in state["probe"].items()})
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.optimizer.load_state_dict(distributed.shard_optimizer_state(state["optimizer"], params))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
-        self.cap = state["cap"]
+            self.probe.load_state_dict({k: distributed.shard_like(v, ours[k]) for k, v in state.probe.items()})
+        counters = state.counters
+        self.step, self.elapsed, self.tokens_seen = counters["step"], counters["elapsed"], counters["tokens_seen"]
+        self.scheduler.load_state_dict(counters["scheduler"])
+        self.rewarm_from = counters.get("rewarm_from", -1)
+        if state.exact:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.optimizer.load_state_dict(distributed.shard_optimizer_state(state.optimizer, params))
+        else:
+            self._rewarm()
+        self.cap = counters["cap"]
         self.stream = self._stream(self.cap)
-        self.stream.seek(state["position"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        log.info("resumed %s at step %d", path, self.step)
+        self.stream.seek(counters["position"])
+        resume.set_rng_state(counters["rng"])
+        if source != self.out and self.dist.is_main and not (self.out / resume.METRICS_NAME).exists():
+            (self.out / resume.METRICS_NAME).write_text(resume.read_metrics(source))
+        how = "exactly" if state.exact else f"with fresh AdamW moments, lr re-warmed over {self.cfg.rewarm_steps} steps"
+        log.info("resumed %s at step %d %s", state.source, self.step, how)
         return True
+
+    def _rewarm(self) -> None:
+        """No optimizer moments (a fresh clone): start AdamW anew and ramp the lr up from this step."""
+        self.rewarm_from = self.step
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self._lr_factor(self.step)
 
     def log_row(self, row: dict) -> None:
         if not self.dist.is_main:
@@ -427,6 +448,17 @@ class Trainer:
         log.warning("signal %d: saving at the end of this step, then stopping", signum)
         self.stop_requested = True
 
+    def _check_steps(self) -> None:
+        """Refuse a run with nothing to do: max_steps (or stop_at_step) at or below the resumed step."""
+        cfg, step = self.cfg, self.step
+        if step >= cfg.max_steps:
+            raise ValueError(
+                f"{cfg.stage}: {self.out} is already at step {step} >= max_steps={cfg.max_steps}: nothing to train; "
+                f"raise max_steps (e.g. max_steps={step + 1000}) or choose another out_dir"
+            )
+        if cfg.stop_at_step and cfg.stop_at_step <= step:
+            raise ValueError(f"{cfg.stage}: stop_at_step={cfg.stop_at_step} is at or below the resumed step {step}")
+
     def run(self) -> None:
         """Train until ``max_steps`` (or a stop condition), saving periodically; SIGTERM/SIGINT save and stop."""
         self.stop_requested = False
@@ -434,6 +466,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._request_stop)
             signal.signal(signal.SIGINT, self._request_stop)
         self.resume()
+        self._check_steps()
         if self.dist.is_main:
             tqdm.write(f"training dtype {self.compute.name}: {self.compute.reason}")
         self.model.train()

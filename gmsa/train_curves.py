@@ -1,6 +1,6 @@
 """Plot a run's training loss and validation BLEU against step (for the model card).
 
-python -m gmsa.train_curves runs/ae/metrics.jsonl reports/train/ae_curves.png
+python -m gmsa.train_curves runs/ae/metrics.jsonl reports/train/ae_curves.png   # .jsonl.gz reads too
 python -m gmsa.train_curves --compare a=runs/a/metrics.jsonl b=runs/b/metrics.jsonl [--val-key=val_info_x4] out.png
 """
 

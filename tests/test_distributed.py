@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gmsa.data import BatchStream, Example
 from gmsa.distributed import Context
@@ -86,7 +87,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(stage, backbone_di
     one_rows = read_rows(tmp_path / "one")
     assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in one_rows], abs=1e-3)
     assert [r["tokens_seen"] for r in ddp_rows] == [r["tokens_seen"] for r in one_rows]
-    assert not list((tmp_path / "ddp").glob("state.pt.tmp"))
+    assert not list((tmp_path / "ddp").glob("*.tmp")) and (tmp_path / "ddp" / "resume.json").is_file()
 
 
 def read_rows(out_dir: Path) -> list[dict]:
@@ -182,10 +183,11 @@ def test_fsdp_checkpoints_resume_exactly_and_across_modes(fsdp_runs):
     assert_same_weights(fsdp_runs / "from_one", fsdp_runs / "ae")  # one process -> FSDP
     assert_same_weights(fsdp_runs / "to_one", fsdp_runs / "one")  # FSDP -> one process
     assert [r["step"] for r in read_rows(fsdp_runs / "split")] == [1, 2, 3, 4]
-    state = torch.load(fsdp_runs / "split" / "state.pt", weights_only=False)
-    single = torch.load(fsdp_runs / "one" / "state.pt", weights_only=False)
-    assert state["trained"].keys() == single["trained"].keys()
-    assert not any(isinstance(t, torch.distributed.tensor.DTensor) for t in state["trained"].values())
+    state = load_file(fsdp_runs / "split" / "exact" / "trained.safetensors")
+    single = load_file(fsdp_runs / "one" / "exact" / "trained.safetensors")
+    assert state.keys() == single.keys()
+    moments = load_file(fsdp_runs / "split" / "exact" / "optimizer.safetensors")
+    assert moments.keys() == load_file(fsdp_runs / "one" / "exact" / "optimizer.safetensors").keys()
     assert (fsdp_runs / "split" / "model" / "model.safetensors").is_file()
 
 

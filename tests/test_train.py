@@ -87,6 +87,8 @@ def test_resume_continues_exactly(backbone_dir, ae_files, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "split" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "split" / "exact" / "optimizer.safetensors").is_file()
+    assert not list((tmp_path / "split").rglob("*.pt"))  # no pickles
 
 
 def test_validation_reports_loss_and_bleu(backbone_dir, ae_files, tmp_path):

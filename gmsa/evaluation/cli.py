@@ -44,6 +44,7 @@ def _common_args(parser: argparse.ArgumentParser, data: str, rates: list[int]) -
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of untrained models")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device for every model, e.g. cuda (default: cpu)")
     parser.add_argument("--out", default=None, help="report directory (default: reports/eval/<task>-<time>)")
     parser.add_argument("--cache-dir", default=None, help="per-example cache (default: $GMSA_CACHE/eval)")
 
@@ -87,6 +88,8 @@ def _load_models(args: argparse.Namespace) -> list[tuple[str, str, object]]:
     specs = [ModelSpec.parse(text) for text in args.model]
     labels = unique_labels([spec.label for spec in specs])
     models = [(label, spec.source, load_model(spec, args.backbone, args.seed)) for label, spec in zip(labels, specs)]
+    for _, _, gmsa in models:
+        gmsa.model.to(args.device)
     fingerprints = {gmsa.config.backbone_fingerprint for _, _, gmsa in models}
     if len(fingerprints) > 1:
         raise ValueError(f"the models were trained on different backbones ({sorted(fingerprints)}): evaluate apart")
@@ -188,6 +191,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
     generation = Generation(args.max_new_tokens, args.repetition_penalty)
     pairs = [(label, gmsa) for label, _, gmsa in models]
     base = base_decoder_model(pairs, args.backbone) if args.baselines else pairs[0][1]
+    base.model.to(args.device)
     small_lm = resolve_backbone(args.backbone or base.config.backbone) if "llmlingua" in args.baselines else ""
     methods = build_qa_methods(pairs, args.baselines, generation, base, small_lm, args.llmlingua_iterative_size)
     results, predictions = evaluate_qa(
