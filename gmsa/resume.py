@@ -20,6 +20,7 @@ import argparse
 import base64
 import gzip
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .api import WEIGHTS_NAME, file_sha256
+from .model import AE_ADAPTER
 
 FORMAT = 1
 STATE_NAME = "resume.json"
@@ -162,10 +164,20 @@ def read(directory: Path) -> RunState | None:
         return None
     if counters.get("format") != FORMAT:
         raise ValueError(f"{directory / STATE_NAME}: unknown format {counters.get('format')!r}")
-    weights = directory / "model" / WEIGHTS_NAME
+    weights = directory / counters.get("model_dir", "model") / WEIGHTS_NAME
     if file_sha256(weights) != counters["model_sha256"]:
         raise ValueError(f"{weights} does not match {directory / STATE_NAME} (model_sha256): a partial copy?")
-    return RunState(counters, load_file(weights), source=str(weights))
+    trained = load_file(weights)
+    if "model_dir" in counters:  # a shipped checkpoint holds the weights: keep what its stage trained
+        trained = {name: tensor for name, tensor in trained.items() if trained_in_stage(name, counters["stage"])}
+    return RunState(counters, trained, source=str(weights))
+
+
+def trained_in_stage(name: str, stage: str) -> bool:
+    """Whether a checkpoint tensor is one the ``ae`` stage trains (the encoder, LSA, memory, the "ae" adapter)."""
+    if stage != "ae":
+        return True
+    return name.startswith(("encoder.", "lsa.", "memory.")) or f".{AE_ADAPTER}." in name
 
 
 def _read_legacy(path: Path) -> RunState:
@@ -187,14 +199,36 @@ def read_metrics(directory: Path) -> str:
 
 
 # ------------------------------------------------------------------------- publish
-def publish(run: Path, dest: Path, force: bool = False) -> dict:
+def _publish_sharing(run: Path, dest: Path, counters: dict, weights_in: Path) -> dict:
+    ours = load_file(run / "model" / WEIGHTS_NAME)
+    shipped = load_file(weights_in / WEIGHTS_NAME)
+    differing = [k for k, v in ours.items() if k not in shipped or not torch.equal(v, shipped[k])]
+    if differing:
+        raise ValueError(f"{weights_in} was not built on {run}: {differing[:3]} differ")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest / "model", ignore_errors=True)
+    metrics = read_metrics(run)
+    (dest / f"{METRICS_NAME}.gz").write_bytes(gzip.compress(metrics.encode(), mtime=0))
+    (dest / METRICS_NAME).unlink(missing_ok=True)
+    model_dir = os.path.relpath(weights_in, dest)
+    _atomic_json(
+        dest / STATE_NAME, counters | {"model_dir": model_dir, "model_sha256": file_sha256(weights_in / WEIGHTS_NAME)}
+    )
+    return {"dest": str(dest), "step": counters["step"], "metrics_rows": metrics.count("\n"), "weights_in": model_dir}
+
+
+def publish(run: Path, dest: Path, force: bool = False, weights_in: Path | None = None) -> dict:
     """Copy a run's shippable resume point (``model/``, ``resume.json``, gzipped metrics) into ``dest``.
 
     No optimizer state and no fp32 weights: they stay in the run's ``exact/``. Refuses to move a
-    resume point backwards (a run at an earlier step than ``dest``) unless ``force``.
+    resume point backwards (a run at an earlier step than ``dest``) unless ``force``. With
+    ``weights_in`` (the shipped checkpoint built on this run) the resume point holds no weights of
+    its own: ``resume.json`` names that checkpoint, whose tensors of the run's stage must equal the run's.
     """
     run, dest = Path(run), Path(dest)
     counters = json.loads((run / STATE_NAME).read_text())
+    if weights_in is not None:
+        return _publish_sharing(run, dest, counters, Path(weights_in))
     if (dest / STATE_NAME).is_file() and not force:
         shipped = json.loads((dest / STATE_NAME).read_text())["step"]
         if shipped > counters["step"]:
@@ -217,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("dest", type=Path)
     p.add_argument("--force", action="store_true", help="allow moving the resume point to an earlier step")
+    p.add_argument("--weights-in", type=Path, help="a shipped checkpoint built on this run: reference its weights")
     p = sub.add_parser("show", help="print a directory's resume counters (step, position, exact or re-warmed)")
     p.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.command == "publish":
-            print(json.dumps(publish(args.run, args.dest, args.force)))
+            print(json.dumps(publish(args.run, args.dest, args.force, args.weights_in)))
             return 0
         state = read(args.directory)
         if state is None:

@@ -66,6 +66,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     decoder_tuning: str = "qkv"
+    keft_lora_r: int = 16  # rank of KEFT's decoder LoRA when decoder_tuning = "lora"
     ae_decoder_lora: int = 0  # rank of a decoder LoRA (adapter "ae") trained in the AE stage; 0 = frozen (the paper)
     ae_prompt: str = "paper"  # "paper" (the paper's prompt), "chat-copy" (chat template, verbatim) or a text
     lsa_output_gain: bool = False  # a learnable scale on the soft tokens (GMSAConfig.lsa_output_gain)
@@ -166,6 +167,7 @@ def build_model(cfg: TrainConfig) -> GMSA:
     # the encoder window must cover the longest context this stage trains on, as for a fresh model
     start.config.max_context_tokens = max(start.config.max_context_tokens, cfg.max_tokens)
     if cfg.stage == "keft":
+        start.config.decoder_lora_r = cfg.keft_lora_r
         enable_decoder_tuning(start.model, cfg.decoder_tuning)
     return start
 

@@ -132,3 +132,26 @@ def test_gzipped_metrics_read_like_plain_ones(split_run, tmp_path):
     dest = tmp_path / "shipped"
     resume.publish(split_run, dest)
     assert read_jsonl(dest / "metrics.jsonl.gz") == read_jsonl(split_run / "metrics.jsonl")
+
+
+def test_resume_point_can_share_the_weights_of_a_checkpoint_built_on_it(backbone_dir, ae_files, split_run, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(split_run / "model", shipped)
+    weights = load_file(shipped / "model.safetensors")
+    extra = "decoder.model.layers.0.self_attn.q_proj.lora_A.default.weight"  # a KEFT adapter built on top
+    save_file(weights | {extra: torch.zeros(2, 2, dtype=torch.bfloat16)}, shipped / "model.safetensors")
+
+    info = resume.publish(split_run, tmp_path / "point", weights_in=shipped)
+    assert not (tmp_path / "point" / "model").exists() and info["weights_in"] == "../shipped"
+    state = resume.read(tmp_path / "point")
+    assert set(state.trained) == set(weights) and not state.exact
+
+    trainer = Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "cont", resume_from=str(tmp_path / "point")))
+    trainer.run()
+    assert trainer.step == 6
+
+    save_file({k: v + 1 for k, v in weights.items()}, shipped / "model.safetensors")
+    with pytest.raises(ValueError, match="was not built on"):
+        resume.publish(split_run, tmp_path / "other", weights_in=shipped)
