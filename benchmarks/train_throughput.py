@@ -4,10 +4,10 @@
 
 Prints one JSON row per configuration and writes them to reports/train/throughput.json.
 Tokens counted = context tokens + target tokens per step (what the run actually processes).
-``precision``: ``fp32``; ``bf16-autocast`` (fp32 weights, autocast re-casts the frozen ones every
-step); ``bf16-held`` (what ``dtype = "auto"`` does where bf16 pays: frozen weights held in bf16
-once, trainable ones fp32, autocast). Each configuration gets a freshly loaded backbone (a decoder LoRA or bf16 casting changes it
-in place).
+``precision``: ``fp32``; ``bf16-autocast`` (fp32 weights, autocast re-casts the frozen ones
+every step); ``bf16-held`` (what ``dtype = "auto"`` does where bf16 pays: frozen weights held in
+bf16 once, trainable ones fp32, autocast). Each configuration gets a freshly loaded backbone (a
+decoder LoRA or bf16 casting changes it in place).
 """
 
 from __future__ import annotations
