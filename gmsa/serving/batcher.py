@@ -111,6 +111,7 @@ class ModelWorker:
         self.batch_wait_s = batch_wait_s
         self.model_batch_size = model_batch_size
         self.stats = WorkerStats()
+        self.on_batch: Callable[[str, int, float], None] | None = None  # (kind, items, seconds) per micro-batch
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._carry: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
@@ -221,6 +222,8 @@ class ModelWorker:
         stats.items += items
         stats.max_batch_items = max(stats.max_batch_items, items)
         stats.busy_s += run_s
+        if self.on_batch is not None:
+            self.on_batch(jobs[0].task.key()[0], items, run_s)
 
     def _fail_queued(self, error: Exception) -> None:
         pending = list(self._carry)

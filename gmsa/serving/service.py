@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from fastapi import HTTPException
@@ -23,8 +24,11 @@ from .batcher import (
     TaskResult,
     concat,
 )
+from .guards import shorten
 from .schemas import AnswerRequest, CompressRequest, ContextSummary, Timings
 from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
 
 
 def _too_large(message: str) -> HTTPException:
@@ -123,14 +127,19 @@ class GMSAService:
         for i in dict.fromkeys(ids):
             record = await run_in_threadpool(self.store.get, i)
             if record is None:
-                raise HTTPException(404, f"no context with id {i!r}")
+                raise HTTPException(404, f"no context with id {shorten(i)!r}")
             self.check_same_model(record)
             try:
                 found[i] = await run_in_threadpool(self.store.load, i)
             except KeyError as err:  # deleted meanwhile
-                raise HTTPException(404, f"no context with id {i!r}") from err
+                raise HTTPException(404, f"no context with id {shorten(i)!r}") from err
             except StoreError as err:
-                raise HTTPException(500, f"stored context {i} is damaged: {err}") from err
+                log.error("stored context %s is damaged: %s", i, err)
+                raise HTTPException(
+                    500,
+                    f"stored context {i} is damaged (its file does not match what was written): "
+                    "POST its text again to repair it",
+                ) from err
         return found
 
     def check_same_model(self, record: ContextRecord) -> None:
@@ -177,7 +186,7 @@ class GMSAService:
         deadline = Deadline(self.settings.request_timeout_s)
         record = await run_in_threadpool(self.store.get, context_id_)
         if record is None:
-            raise HTTPException(404, f"no context with id {context_id_!r}")
+            raise HTTPException(404, f"no context with id {shorten(context_id_)!r}")
         if record.n_tokens > self.settings.max_reconstruct_tokens:
             raise _too_large(
                 f"context has {record.n_tokens} tokens; this server reconstructs at most "
