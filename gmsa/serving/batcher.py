@@ -77,6 +77,7 @@ class TaskResult:
 @dataclass
 class _Job:
     task: Task
+    cost: int = 0  # tokens (texts to compress, or prompts + new tokens)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -111,6 +112,7 @@ class ModelWorker:
         self.batch_wait_s = batch_wait_s
         self.model_batch_size = model_batch_size
         self.stats = WorkerStats()
+        self.max_batch_tokens: int | None = None  # tokens per micro-batch (the first job always runs)
         self.on_batch: Callable[[str, int, float], None] | None = None  # (kind, items, seconds) per micro-batch
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._carry: deque[_Job] = deque()
@@ -149,10 +151,13 @@ class ModelWorker:
     def queue_depth(self) -> int:
         return self._queue.qsize() + len(self._carry)
 
-    def submit(self, task: Task) -> Future:
-        """Queue a task; its future gets a :class:`TaskResult`. Raises :class:`QueueFullError`."""
+    def submit(self, task: Task, cost: int = 0) -> Future:
+        """Queue a task that costs ``cost`` tokens; its future gets a :class:`TaskResult`.
+
+        Raises :class:`QueueFullError`.
+        """
         self.start()
-        job = _Job(task)
+        job = _Job(task, cost)
         try:
             self._queue.put_nowait(job)
         except queue.Full as err:
@@ -173,17 +178,18 @@ class ModelWorker:
         first = self._carry.popleft() if self._carry else self._queue.get()
         if first is None:
             return None
-        jobs, items = [first], first.items
+        jobs, items, cost = [first], first.items, first.cost
         deadline = time.perf_counter() + self.batch_wait_s
+        token_budget = self.max_batch_tokens or float("inf")
         while items < self.max_batch_items:
             job = self._next_waiting(deadline)
             if job is None:
                 break
-            if items + job.items > self.max_batch_items:
+            if items + job.items > self.max_batch_items or cost + job.cost > token_budget:
                 self._carry.append(job)
                 break
             jobs.append(job)
-            items += job.items
+            items, cost = items + job.items, cost + job.cost
         return [job for job in jobs if job.future.set_running_or_notify_cancel()]
 
     def _next_waiting(self, deadline: float) -> _Job | None:

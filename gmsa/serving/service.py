@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import time
 
 from fastapi import HTTPException
@@ -25,14 +25,11 @@ from .batcher import (
     concat,
 )
 from .guards import shorten
+from .limits import Limits, too_large
 from .schemas import AnswerRequest, CompressRequest, ContextSummary, Timings
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-def _too_large(message: str) -> HTTPException:
-    return HTTPException(413, message)
 
 
 class Deadline:
@@ -56,32 +53,21 @@ class GMSAService:
         self.gmsa = gmsa
         self.store = store
         self.settings = settings
+        self.limits = Limits(gmsa, settings)
         self.worker = ModelWorker(
             gmsa, settings.max_queue, settings.max_batch_items, settings.batch_wait_ms / 1000, settings.model_batch_size
         )
-
-    # ----------------------------------------------------------------- limits
-    def check_texts(self, texts: list[str], what: str) -> None:
-        if len(texts) > self.settings.max_batch:
-            raise _too_large(f"{len(texts)} {what}, more than this server's limit of {self.settings.max_batch}")
-        for i, text in enumerate(texts):
-            if len(text) > self.settings.max_text_chars:
-                raise _too_large(
-                    f"{what}[{i}] has {len(text)} characters, more than this server's limit "
-                    f"of {self.settings.max_text_chars}"
-                )
-
-    def check_metadata(self, metadata: dict | None) -> None:
-        size = len(json.dumps(metadata or {}, ensure_ascii=False).encode("utf-8", "replace"))
-        if size > self.settings.max_metadata_bytes:
-            limit = self.settings.max_metadata_bytes
-            raise _too_large(f"metadata is {size} bytes of JSON, more than this server's limit of {limit}")
+        self.worker.max_batch_tokens = settings.max_batch_tokens
 
     # ----------------------------------------------------------------- model calls
-    async def run(self, task: Task, deadline: Deadline) -> TaskResult:
-        """Run a task on the model worker; 429 if its queue is full, 504 past the deadline."""
+    async def run(self, task: Task, deadline: Deadline, cost: int = 0) -> TaskResult:
+        """Run a task on the model worker; 429 if its queue is full, 504 past the deadline.
+
+        ``cost`` is the task's tokens (see :class:`Limits`): the worker's micro-batches stay under
+        ``max_batch_tokens``.
+        """
         try:
-            future = self.worker.submit(task)
+            future = self.worker.submit(task, cost)
         except QueueFullError as err:
             raise HTTPException(429, f"{err}: retry later", {"Retry-After": "1"}) from err
         try:
@@ -89,7 +75,7 @@ class GMSAService:
         except TimeoutError as err:
             raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model") from err
         except RequestTooLargeError as err:
-            raise _too_large(str(err)) from err
+            raise too_large(str(err)) from err
         except (ValueError, TypeError) as err:
             raise HTTPException(422, str(err)) from err
 
@@ -97,8 +83,8 @@ class GMSAService:
     async def compress(self, body: CompressRequest) -> tuple[list[ContextSummary], Timings]:
         deadline = Deadline(self.settings.request_timeout_s)
         texts = body.items()
-        self.check_texts(texts, "texts")
-        self.check_metadata(body.metadata)
+        self.limits.check_texts(texts, "texts")
+        self.limits.check_metadata(body.metadata)
         rate = body.rate or self.gmsa.config.default_rate
         shas = [content_sha256(text) for text in texts]
         ids = [context_id(sha, rate, self.gmsa.config.backbone_fingerprint, self.gmsa.checkpoint_id) for sha in shas]
@@ -107,8 +93,10 @@ class GMSAService:
         result = None
         created: set[str] = set()
         if todo:
-            task = CompressTask([text for _, text in todo.values()], rate, self.settings.max_text_tokens)
-            result = await self.run(task, deadline)
+            todo_texts = [text for _, text in todo.values()]
+            counts = await run_in_threadpool(self.limits.texts_to_compress, todo_texts)
+            task = CompressTask(todo_texts, rate, self.settings.max_text_tokens)
+            result = await self.run(task, deadline, sum(counts))
             for (new_id, (sha, _)), compressed in zip(todo.items(), result.value):
                 records[new_id], was_new = await run_in_threadpool(
                     self.store.put, sha, compressed, self.gmsa.config.backbone, body.metadata
@@ -156,16 +144,21 @@ class GMSAService:
     async def answer(self, body: AnswerRequest) -> tuple[list[str], list[str | None], Timings]:
         deadline = Deadline(self.settings.request_timeout_s)
         questions = body.question_list()
-        self.check_texts(questions, "questions")
+        self.limits.check_texts(questions, "questions")
         limit = self.settings.max_new_tokens
         if body.max_new_tokens > limit and "max_new_tokens" in body.model_fields_set:
             raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} is over this server's limit of {limit}")
         max_new_tokens = min(body.max_new_tokens, limit)
         compressed_result = None
         if body.text is not None:
-            self.check_texts([body.text], "text")
+            self.limits.check_texts([body.text], "text")
             rate = body.rate or self.gmsa.config.default_rate
-            compressed_result = await self.run(CompressTask([body.text], rate, self.settings.max_text_tokens), deadline)
+            (n_text,) = await run_in_threadpool(self.limits.texts_to_compress, [body.text], "text")
+            await run_in_threadpool(
+                self.limits.questions, questions, [math.ceil(n_text / rate)] * len(questions), max_new_tokens
+            )
+            task = CompressTask([body.text], rate, self.settings.max_text_tokens)
+            compressed_result = await self.run(task, deadline, n_text)
             contexts, ids = [compressed_result.value[0]], [None]
         else:
             ids = body.context_ids or [body.context_id]
@@ -173,8 +166,10 @@ class GMSAService:
             contexts = [stored[i] for i in ids]
         if len(contexts) == 1:
             contexts, ids = contexts * len(questions), ids * len(questions)
+        n_soft = [part.n_soft_tokens[0] for part in contexts]
+        cost = await run_in_threadpool(self.limits.questions, questions, n_soft, max_new_tokens)
         task = AnswerTask(concat(contexts), questions, max_new_tokens, body.repetition_penalty)
-        result = await self.run(task, deadline)
+        result = await self.run(task, deadline, cost)
         timings = _timings(deadline, result)
         if compressed_result is not None:
             timings.compress_ms = round(compressed_result.run_s * 1000, 2)
@@ -188,12 +183,13 @@ class GMSAService:
         if record is None:
             raise HTTPException(404, f"no context with id {shorten(context_id_)!r}")
         if record.n_tokens > self.settings.max_reconstruct_tokens:
-            raise _too_large(
+            raise too_large(
                 f"context has {record.n_tokens} tokens; this server reconstructs at most "
                 f"{self.settings.max_reconstruct_tokens}"
             )
+        cost = self.limits.reconstruction(record.n_soft_tokens, record.n_tokens)
         compressed = (await self.stored([context_id_]))[context_id_]
-        result = await self.run(ReconstructTask(compressed), deadline)
+        result = await self.run(ReconstructTask(compressed), deadline, cost)
         return result.value[0], _timings(deadline, result)
 
 
