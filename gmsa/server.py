@@ -24,6 +24,7 @@ from .api import GMSA
 from .engines import add_engine_args, engine_from_args
 from .serving.guards import GuardMiddleware, install_error_handlers, require_api_key, shorten
 from .serving.metrics import ObserveMiddleware, ServerMetrics
+from .serving.openai_api import add_openai_routes
 from .serving.schemas import (
     CONFLICT,
     ERROR_RESPONSES,
@@ -90,6 +91,7 @@ def create_app(
     _state_limits_in_schema(app, settings)
     _add_docs(app, auth)
     _add_routes(app, service, auth)
+    add_openai_routes(app, service, auth)
     return app
 
 

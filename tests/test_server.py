@@ -509,7 +509,7 @@ def fuzzed_api(model, tmp_path_factory):
     store.close()
 
 
-WITH_INPUT = ["/v1/contexts", "/v1/contexts/{context_id}", "/v1/answers", "/v1/reconstructions"]
+WITH_INPUT = ["/v1/contexts", "/v1/contexts/{context_id}", "/v1/answers", "/v1/reconstructions", "/v1/chat/completions"]
 OPERATIONS = [
     ("GET", "/healthz"),
     ("GET", "/metrics"),
@@ -519,6 +519,8 @@ OPERATIONS = [
     ("DELETE", "/v1/contexts/{context_id}"),
     ("POST", "/v1/answers"),
     ("POST", "/v1/reconstructions"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
 ]
 FUZZ_CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if p in WITH_INPUT

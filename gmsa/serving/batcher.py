@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from ..api import GMSA
 from ..compressed import Compressed
 
@@ -316,4 +318,16 @@ def concat(parts: list[Compressed]) -> Compressed:
         first.backbone_fingerprint,
         first.checkpoint_id,
         first.gmsa_version,
+    )
+
+
+def join_rows(compressed: Compressed) -> Compressed:
+    """One text whose soft tokens are those of every text of ``compressed``, in order."""
+    return Compressed(
+        [torch.cat(compressed.soft_tokens)],
+        [compressed.rates[0]],
+        [sum(compressed.n_tokens)],
+        compressed.backbone_fingerprint,
+        compressed.checkpoint_id,
+        compressed.gmsa_version,
     )

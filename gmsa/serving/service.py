@@ -23,6 +23,7 @@ from .batcher import (
     Task,
     TaskResult,
     concat,
+    join_rows,
 )
 from .guards import shorten
 from .limits import Limits, too_large
@@ -129,6 +130,23 @@ class GMSAService:
                     "POST its text again to repair it",
                 ) from err
         return found
+
+    async def prompt_context(
+        self, ids: list[str], texts: list[str], rate: int | None, deadline: Deadline
+    ) -> tuple[Compressed, TaskResult | None]:
+        """Stored contexts ``ids`` then ``texts`` compressed at ``rate`` (not stored), as one row of soft tokens."""
+        parts = []
+        if ids:
+            stored = await self.stored(ids)
+            parts += [stored[i] for i in ids]
+        result = None
+        if texts:
+            self.limits.check_texts(texts, "context_texts")
+            counts = await run_in_threadpool(self.limits.texts_to_compress, texts, "context_texts")
+            task = CompressTask(texts, rate or self.gmsa.config.default_rate, self.settings.max_text_tokens)
+            result = await self.run(task, deadline, sum(counts))
+            parts.append(result.value)
+        return join_rows(concat(parts)), result
 
     def check_same_model(self, record: ContextRecord) -> None:
         config = self.gmsa.config
