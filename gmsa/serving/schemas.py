@@ -95,6 +95,7 @@ class ContextSummary(BaseModel):
     n_soft_tokens: int
     compression_ratio: float
     created: bool = Field(description="false when the same text, rate and model were already stored")
+    repaired: bool = Field(False, description="true when the stored file was damaged and has been rewritten")
 
 
 class CompressResponse(BaseModel):

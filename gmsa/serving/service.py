@@ -90,7 +90,8 @@ class GMSAService:
         shas = [content_sha256(text) for text in texts]
         ids = [context_id(sha, rate, self.gmsa.config.backbone_fingerprint, self.gmsa.checkpoint_id) for sha in shas]
         records = await run_in_threadpool(lambda: {i: self.store.get(i) for i in set(ids)})
-        todo = {i: (sha, text) for i, sha, text in zip(ids, shas, texts) if records[i] is None}
+        damaged = await run_in_threadpool(lambda: {i for i, r in records.items() if r and not self.store.is_intact(i)})
+        todo = {i: (sha, text) for i, sha, text in zip(ids, shas, texts) if records[i] is None or i in damaged}
         result = None
         created: set[str] = set()
         if todo:
@@ -99,16 +100,22 @@ class GMSAService:
             task = CompressTask(todo_texts, rate, self.settings.max_text_tokens)
             result = await self.run(task, deadline, sum(counts))
             for (new_id, (sha, _)), compressed in zip(todo.items(), result.value):
-                records[new_id], was_new = await run_in_threadpool(
-                    self.store.put, sha, compressed, self.gmsa.config.backbone, body.metadata
-                )
+                records[new_id], was_new = await run_in_threadpool(self._keep, new_id in damaged, sha, compressed, body)
                 created.update([new_id] if was_new else [])
         summaries = []
         for i in ids:
-            record = records[i]
-            summaries.append(_summary(record, i in created))
-            created.discard(i)  # a text given twice is created once
+            summaries.append(_summary(records[i], i in created, i in damaged))
+            created.discard(i)  # a text given twice is created (or repaired) once
+            damaged.discard(i)
         return summaries, _timings(deadline, result, compress=True)
+
+    def _keep(
+        self, repair: bool, sha: str, compressed: Compressed, body: CompressRequest
+    ) -> tuple[ContextRecord, bool]:
+        """Store a new context, or rewrite the damaged blob of a stored one."""
+        if repair:
+            return self.store.repair(sha, compressed, self.gmsa.config.backbone), False
+        return self.store.put(sha, compressed, self.gmsa.config.backbone, body.metadata)
 
     async def stored(self, ids: list[str]) -> dict[str, Compressed]:
         """Soft tokens of stored contexts; 404 for an unknown id, 409 for another model's."""
@@ -211,7 +218,7 @@ class GMSAService:
         return result.value[0], _timings(deadline, result)
 
 
-def _summary(record: ContextRecord, created: bool) -> ContextSummary:
+def _summary(record: ContextRecord, created: bool, repaired: bool = False) -> ContextSummary:
     return ContextSummary(
         id=record.id,
         rate=record.rate,
@@ -219,6 +226,7 @@ def _summary(record: ContextRecord, created: bool) -> ContextSummary:
         n_soft_tokens=record.n_soft_tokens,
         compression_ratio=round(record.compression_ratio, 4),
         created=created,
+        repaired=repaired,
     )
 
 
