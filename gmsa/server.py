@@ -1,7 +1,7 @@
 """``gmsa serve``: an HTTP API over one GMSA model and a persistent compressed-context store.
 
 The model is loaded once; every model call runs on one worker thread that micro-batches
-concurrent requests (see :mod:`gmsa.serving.batcher`). Build the app yourself with
+concurrent requests and interleaves their work (see :mod:`gmsa.serving.scheduler`). Build the app yourself with
 :func:`create_app` (tests inject a tiny model) or start it with ``gmsa serve``.
 """
 
@@ -81,8 +81,10 @@ def create_app(
         openapi_url=None,
         lifespan=lifespan,
     )
-    metrics = ServerMetrics(lambda: service.worker.queue_depth, service.store.stats)
+    metrics = ServerMetrics(lambda: service.worker.queue_depth, service.store.stats, lambda: service.worker.running)
     service.worker.on_batch = metrics.observe_batch
+    service.worker.on_unit = lambda kind: metrics.units.labels(kind).inc()
+    service.worker.on_cancel = lambda reason: metrics.cancelled.labels(reason).inc()
     app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObserveMiddleware, metrics=metrics)  # outermost: it also counts what the guards refuse

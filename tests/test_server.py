@@ -62,14 +62,14 @@ def client(serve) -> TestClient:
 def paused_model(model: GMSA, monkeypatch):
     """Make the model's compress wait until the block exits; yields an event set once it is entered."""
     gate, entered = threading.Event(), threading.Event()
-    compress = model.compress
+    compress_steps = model.compress_steps
 
-    def waiting_compress(*args, **kwargs):
+    def waiting_compress_steps(*args, **kwargs):  # what the worker calls, one unit per step
         entered.set()
         gate.wait(20)
-        return compress(*args, **kwargs)
+        return (yield from compress_steps(*args, **kwargs))
 
-    monkeypatch.setattr(model, "compress", waiting_compress)
+    monkeypatch.setattr(model, "compress_steps", waiting_compress_steps)
     try:
         yield entered
     finally:

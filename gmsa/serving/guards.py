@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from contextvars import ContextVar
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -21,6 +22,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
+# the ASGI receive of the request being served: the service watches it for the client going away
+CLIENT_RECEIVE: ContextVar[Receive] = ContextVar("gmsa_client_receive")
 _bearer = HTTPBearer(auto_error=False, description="the server's API key (--api-key or GMSA_API_KEY)")
 PUBLIC_PATHS = frozenset({"/healthz"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -79,6 +82,7 @@ class GuardMiddleware:
             extra |= {"Connection": "close"} if has_body else {}
             await JSONResponse({"detail": detail}, status, extra)(scope, receive, send)
             return
+        CLIENT_RECEIVE.set(receive)
         await self.app(scope, self._limited(receive), send)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes], has_body: bool) -> tuple[int, str, dict] | None:

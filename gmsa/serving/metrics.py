@@ -91,7 +91,12 @@ class _StoreCollector(Collector):
 class ServerMetrics:
     """The Prometheus registry of one app (one per app, so several apps can live in one process)."""
 
-    def __init__(self, queue_depth: Callable[[], float], store_stats: Callable[[], dict]):
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        store_stats: Callable[[], dict],
+        running: Callable[[], float] = lambda: 0,
+    ):
         self.registry = registry = CollectorRegistry()
         self.json = RequestMetrics()
         labels = ["method", "route", "status"]
@@ -125,6 +130,8 @@ class ServerMetrics:
         )
         depth = Gauge("gmsa_queue_depth", "requests waiting for the model worker", registry=registry)
         depth.set_function(queue_depth)
+        active = Gauge("gmsa_running_batches", "micro-batches started and not finished", registry=registry)
+        active.set_function(running)
         registry.register(_StoreCollector(store_stats))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:

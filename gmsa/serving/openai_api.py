@@ -8,6 +8,7 @@ server-sent events (``chat.completion.chunk`` objects, then ``data: [DONE]``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -146,26 +147,63 @@ class ChatCompletions:
     async def _events(
         self, task: AnswerTask, cost: int, n_prompt: int, deadline: Deadline, include_usage: bool
     ) -> AsyncIterator[str]:
+        """The answer as server-sent events, its text sent as the model decodes it."""
         chunk = {"id": _completion_id(), "object": "chat.completion.chunk", "created": int(time.time())}
         chunk["model"] = self.model_id
 
-        def event(delta: dict, finish: str | None = None, **extra) -> str:
-            payload = chunk | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
-            return f"data: {json.dumps(payload)}\n\n"
+        def event(delta: dict, finish: str | None = None) -> str:
+            return (
+                f"data: {json.dumps(chunk | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+            )
 
-        yield event({"role": "assistant", "content": ""})
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[list[int]] = asyncio.Queue()
+        task.on_tokens = lambda rows: loop.call_soon_threadsafe(updates.put_nowait, rows[0])
+        future = self.service.submit(task, deadline, cost)
+        waiter = asyncio.wrap_future(future)
+        sent = ""
         try:
-            result = await self.service.run(task, deadline, cost)
-        except HTTPException as err:  # the answer has begun: report the error as an event
-            yield f"data: {json.dumps({'error': {'message': err.detail, 'code': err.status_code}})}\n\n"
-            return
-        answer = result.value[0]
-        yield event({"content": answer})
-        n_answer, finish = await self._finish(answer, task.max_new_tokens)
-        yield event({}, finish)
-        if include_usage:
-            yield f"data: {json.dumps(chunk | {'choices': [], 'usage': _usage(n_prompt, n_answer)})}\n\n"
-        yield "data: [DONE]\n\n"
+            yield event({"role": "assistant", "content": ""})
+            while not waiter.done():
+                update = asyncio.ensure_future(updates.get())
+                await asyncio.wait([update, waiter], timeout=deadline.left(), return_when="FIRST_COMPLETED")
+                if not update.done():
+                    update.cancel()
+                    if not waiter.done():  # the deadline passed
+                        future.abandon("deadline")
+                        yield _error_event(504, f"timed out after {deadline.seconds:g} s waiting for the model")
+                        return
+                    continue
+                text = self._partial_text(update.result(), task.max_new_tokens)
+                if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                    yield event({"content": text[len(sent) :]})
+                    sent = text
+            try:
+                answer = self.service.result(waiter, deadline).value[0]
+            except HTTPException as err:  # the answer has begun: report the error as an event
+                yield _error_event(err.status_code, err.detail)
+                return
+            if answer.startswith(sent) and len(answer) > len(sent):
+                yield event({"content": answer[len(sent) :]})
+            n_answer, finish = await self._finish(answer, task.max_new_tokens)
+            yield event({}, finish)
+            if include_usage:
+                yield f"data: {json.dumps(chunk | {'choices': [], 'usage': _usage(n_prompt, n_answer)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not future.done():  # the client went away (the stream was cancelled): stop the work
+                future.abandon("client gone")
+
+    def _partial_text(self, ids: list[int], max_new_tokens: int) -> str:
+        tokenizer = self.service.limits.tokenizer
+        ids = ids[:max_new_tokens]
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+
+
+def _error_event(status: int, message: str) -> str:
+    return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
 
 
 def _completion_id() -> str:

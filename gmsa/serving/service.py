@@ -16,7 +16,6 @@ from ..store import ContextRecord, ContextStore, StoreError, content_sha256, con
 from .batcher import (
     AnswerTask,
     CompressTask,
-    ModelWorker,
     QueueFullError,
     ReconstructTask,
     RequestTooLargeError,
@@ -25,8 +24,9 @@ from .batcher import (
     concat,
     join_rows,
 )
-from .guards import shorten
+from .guards import CLIENT_RECEIVE, shorten
 from .limits import Limits, too_large
+from .scheduler import JobFuture, ModelWorker, WorkCancelledError
 from .schemas import AnswerRequest, CompressRequest, ContextSummary, Timings
 from .settings import ServeSettings
 
@@ -39,12 +39,19 @@ class Deadline:
     def __init__(self, seconds: float):
         self.started = time.perf_counter()
         self.seconds = seconds
+        self.at = self.started + seconds  # on the time.perf_counter() clock
 
     def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.started)
+        return max(0.0, self.at - time.perf_counter())
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
+
+
+async def _client_gone(receive) -> None:
+    """Returns once the client has disconnected (called after the request body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class GMSAService:
@@ -56,9 +63,15 @@ class GMSAService:
         self.settings = settings
         self.limits = Limits(gmsa, settings)
         self.worker = ModelWorker(
-            gmsa, settings.max_queue, settings.max_batch_items, settings.batch_wait_ms / 1000, settings.model_batch_size
+            gmsa,
+            max_queue=settings.max_queue,
+            max_batch_items=settings.max_batch_items,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            model_batch_size=settings.model_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            unit_tokens=settings.unit_tokens,
+            aging=settings.scheduler_aging,
         )
-        self.worker.max_batch_tokens = settings.max_batch_tokens
 
     # ----------------------------------------------------------------- model calls
     async def run(self, task: Task, deadline: Deadline, cost: int = 0) -> TaskResult:
@@ -67,13 +80,41 @@ class GMSAService:
         ``cost`` is the task's tokens (see :class:`Limits`): the worker's micro-batches stay under
         ``max_batch_tokens``.
         """
+        future = self.submit(task, deadline, cost)
+        waiter = asyncio.wrap_future(future)
+        receive = CLIENT_RECEIVE.get(None)
+        gone = asyncio.ensure_future(_client_gone(receive)) if receive is not None else None
         try:
-            future = self.worker.submit(task, cost)
+            done, _ = await asyncio.wait(
+                [w for w in (waiter, gone) if w is not None], timeout=deadline.left(), return_when="FIRST_COMPLETED"
+            )
+        except asyncio.CancelledError:
+            future.abandon("cancelled")
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if waiter not in done:
+            future.abandon("client gone" if gone in done else "deadline")
+            waiter.cancel()
+            if gone in done:
+                raise HTTPException(499, "the client closed the connection")
+            raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model")
+        return self.result(waiter, deadline)
+
+    def submit(self, task: Task, deadline: Deadline, cost: int = 0) -> JobFuture:
+        """Queue a task on the model worker (429 if its queue is full)."""
+        try:
+            return self.worker.submit(task, cost, deadline.at)
         except QueueFullError as err:
             raise HTTPException(429, f"{err}: retry later", {"Retry-After": "1"}) from err
+
+    @staticmethod
+    def result(waiter: asyncio.Future, deadline: Deadline) -> TaskResult:
+        """A finished task's result, or its error as an HTTP error."""
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline.left()))
-        except TimeoutError as err:
+            return waiter.result()
+        except WorkCancelledError as err:
             raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model") from err
         except RequestTooLargeError as err:
             raise too_large(str(err)) from err

@@ -32,6 +32,12 @@ class ServeSettings:
     max_batch_items: int = _option(32, "texts/questions merged into one micro-batch")
     batch_wait_ms: float = _option(5.0, "how long the worker waits for more requests to batch")
     model_batch_size: int = _option(8, "rows per forward pass inside a micro-batch (bounds memory)")
+    unit_tokens: int = _option(
+        2048, "tokens per encoder unit of work (at least one window); the worker switches between units"
+    )
+    scheduler_aging: float = _option(
+        0.5, "share of waiting time credited to a run's priority (0: pure least-served-first)"
+    )
 
 
 def setting_fields():

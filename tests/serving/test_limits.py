@@ -16,14 +16,14 @@ FOX = "The quick brown fox jumps over the lazy dog."
 def busy_worker(client, model, monkeypatch):
     """The model worker is inside a compression that waits until the block exits."""
     gate, entered = threading.Event(), threading.Event()
-    compress = model.compress
+    compress_steps = model.compress_steps
 
-    def waiting_compress(*args, **kwargs):
+    def waiting_compress_steps(*args, **kwargs):  # what the worker calls, one unit per step
         entered.set()
         gate.wait(20)
-        return compress(*args, **kwargs)
+        return (yield from compress_steps(*args, **kwargs))
 
-    monkeypatch.setattr(model, "compress", waiting_compress)
+    monkeypatch.setattr(model, "compress_steps", waiting_compress_steps)
     future = client.app.state.service.worker.submit(CompressTask([FOX], 4, 64))
     assert entered.wait(10)
     try:

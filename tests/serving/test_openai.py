@@ -52,7 +52,7 @@ def test_streaming_yields_chunks_that_add_up_to_the_answer(server, model):
     context_id = stored_id(app, model, PARIS)
     kwargs = {
         "model": model.checkpoint_id,
-        "messages": [{"role": "user", "content": "Which city?"}],
+        "messages": [{"role": "user", "content": "Where?"}],
         "max_tokens": 8,
         "extra_body": {"context_ids": [context_id]},
     }
@@ -61,6 +61,9 @@ def test_streaming_yields_chunks_that_add_up_to_the_answer(server, model):
     assert len(chunks) >= 3 and all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == whole
+    n_answer_tokens = len(model.tokenizer(whole, add_special_tokens=False)["input_ids"])
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert n_answer_tokens > 2 and len(content_chunks) >= 2  # sent as it was decoded, not in one piece
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes in (["stop"], ["length"]) and chunks[-1].usage.completion_tokens > 0
 
