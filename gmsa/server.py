@@ -148,6 +148,9 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
                 "mean_batch_items": round(stats.items / max(1, stats.batches), 2),
                 "max_batch_items": stats.max_batch_items,
                 "busy_s": round(stats.busy_s, 3),
+                "units": stats.units,
+                "cancelled": stats.cancelled,
+                "running": worker.running,
             },
             "store": service.store.stats(),
             "model": {

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import AnswerTask
+from .scheduler import JobFuture
 from .schemas import CONFLICT, ERROR_RESPONSES, MAX_RATE, NOT_FOUND, ContextId, Text
 from .service import Deadline, GMSAService
 
@@ -126,7 +127,11 @@ class ChatCompletions:
         task, cost, n_prompt, deadline = await self.prepare(body)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._events(task, cost, n_prompt, deadline, include_usage)
+            loop = asyncio.get_running_loop()
+            updates: asyncio.Queue[list[int]] = asyncio.Queue()
+            task.on_tokens = lambda rows: loop.call_soon_threadsafe(updates.put_nowait, rows[0])
+            future = self.service.submit(task, deadline, cost)  # 429 before the answer begins
+            events = self._events(task, future, updates, n_prompt, deadline, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         result = await self.service.run(task, deadline, cost)
         answer = result.value[0]
@@ -145,7 +150,13 @@ class ChatCompletions:
         return n_answer, "length" if n_answer >= max_new_tokens else "stop"
 
     async def _events(
-        self, task: AnswerTask, cost: int, n_prompt: int, deadline: Deadline, include_usage: bool
+        self,
+        task: AnswerTask,
+        future: JobFuture,
+        updates: asyncio.Queue,
+        n_prompt: int,
+        deadline: Deadline,
+        include_usage: bool,
     ) -> AsyncIterator[str]:
         """The answer as server-sent events, its text sent as the model decodes it."""
         chunk = {"id": _completion_id(), "object": "chat.completion.chunk", "created": int(time.time())}
@@ -156,10 +167,6 @@ class ChatCompletions:
                 f"data: {json.dumps(chunk | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
             )
 
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[list[int]] = asyncio.Queue()
-        task.on_tokens = lambda rows: loop.call_soon_threadsafe(updates.put_nowait, rows[0])
-        future = self.service.submit(task, deadline, cost)
         waiter = asyncio.wrap_future(future)
         sent = ""
         try:

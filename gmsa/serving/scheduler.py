@@ -48,7 +48,7 @@ class JobFuture(Future):
         self.abandoned = reason
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (tasks hold tensors)
 class _Job:
     task: Task
     cost: int = 0  # tokens (texts to compress, or prompts + new tokens)
@@ -68,7 +68,7 @@ class _Job:
         return None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Run:
     jobs: list[_Job]
     units: Units
@@ -185,7 +185,13 @@ class ModelWorker:
                 self._runs.append(self._new_run(group))
             if self._runs:
                 now = time.perf_counter()
-                self._step(min(self._runs, key=lambda run: run.priority(now, self.aging)))
+                run = min(self._runs, key=lambda run: run.priority(now, self.aging))
+                try:
+                    self._step(run)
+                except Exception as err:  # noqa: BLE001 - a bookkeeping bug must not stop the worker
+                    log.exception("the model worker failed on a %s micro-batch", run.kind)
+                    self._runs = [other for other in self._runs if other is not run]
+                    self._finish_cancelled(run, f"internal error ({type(err).__name__})", RuntimeError)
         for run in self._runs:
             self._finish_cancelled(run, "the server is shutting down", RuntimeError)
         self._runs.clear()
@@ -258,6 +264,7 @@ class ModelWorker:
 
     def _account(self, run: _Run, started: float, kind: str) -> None:
         now = time.perf_counter()
+        log.debug("unit %s of a %s run (%d requests): %.3f s", kind, run.kind, len(run.jobs), now - started)
         run.served_s += now - started
         self.stats.units += 1
         self.stats.busy_s += now - started

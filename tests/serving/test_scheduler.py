@@ -108,3 +108,13 @@ def test_a_client_that_disconnects_stops_its_work(live_server, slow_units):
     wait_for(lambda: worker.stats.cancelled == 1 and worker.running == 0)
     assert len(slow_units) < 15
     assert "gmsa_requests_cancelled_total" in app.state.metrics.exposition().decode()
+
+
+def test_interleaved_answer_batches_of_different_shapes_both_finish(worker, model):
+    """Two answer micro-batches in flight at once (different options, different context lengths)."""
+    long, short = model.compress([FOX + " " + FOX + " It was quick."]), model.compress([FOX])
+    first = worker.submit(AnswerTask(long, ["a?"], 12, 1.0))  # formed first, finishes last
+    second = worker.submit(AnswerTask(short, ["b?"], 2, 1.0))
+    assert second.result(30).value == model.generate(short, ["b?"], max_new_tokens=2, repetition_penalty=1.0)
+    assert first.result(30).value == model.generate(long, ["a?"], max_new_tokens=12, repetition_penalty=1.0)
+    assert worker.healthy and worker.running == 0
