@@ -1,13 +1,20 @@
-"""Load test of ``gmsa serve`` on loopback: concurrent clients mixing compress and answer requests.
+"""Load test of ``gmsa serve`` on loopback: fairness probes, then concurrent clients mixing requests.
 
     nice -n 10 python benchmarks/load.py --untrained-k-enc 4 --clients 8 --requests 160
 
-Starts a server (a child process on 127.0.0.1, fresh store) unless ``--url`` names one already
-running on loopback; sends a fixed number of requests from ``--clients`` concurrent clients and
-stops by itself (``--max-seconds``). Reports throughput, p50/p99 latency per kind, errors, the
-server's batching, and then checks every context the clients stored: the API serves its metadata,
-and, once the server has stopped, the store re-reads every blob against its checksum and passes
-``PRAGMA integrity_check``. Results go to ``reports/serve/``.
+Probes first (one client at a time): the latency of a short answer alone and beside a long
+compression (``--long-texts`` texts of ~``--long-chars`` characters each, sent back to back by
+another client), a ~8k-token question (must be refused fast), and an unauthenticated 8 MB body
+(must be refused without being read). Then the mix, which includes long compressions
+(``--long-fraction``).
+
+Starts a server (a child process on 127.0.0.1, fresh store, API key ``--api-key`` or a random one,
+passed in its environment) unless ``--url`` names one already running on loopback; sends a fixed
+number of requests from ``--clients`` concurrent clients and stops by itself (``--max-seconds``).
+Reports throughput, p50/p99 latency per kind, errors, the server's batching, and then checks every
+context the clients stored: the API serves its metadata, and, once the server has stopped, the
+store re-reads every blob against its checksum and passes ``PRAGMA integrity_check`` (contexts
+lost must be 0). Results go to ``reports/serve/``.
 
 Model: ``--model DIR`` (a GMSA checkpoint), or ``--untrained-k-enc K`` to write an untrained
 checkpoint on the default backbone (``GMSA.from_backbone("default", GMSAConfig(k_enc=K))``), or
@@ -20,7 +27,9 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +44,9 @@ from urllib.parse import urlparse
 import httpx
 
 from gmsa.serving.metrics import percentile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_probes import long_text, probes, probes_markdown  # noqa: E402 - a sibling script module
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACK_PASSAGES = [
@@ -77,20 +89,35 @@ def load_passages(path: Path, count: int, seed: int) -> list[tuple[str, str]]:
 
 
 class Workload:
-    """Deterministic request mix: compress 40%, answer by stored id 40%, answer from raw text 20%."""
+    """Deterministic request mix: a share of long compressions, then compress 40%, answer by stored id
+    40%, answer from raw text 20% of the rest."""
 
-    def __init__(self, passages: list[tuple[str, str]], total: int, seed: int, rate: int, max_new_tokens: int):
+    def __init__(
+        self,
+        passages: list[tuple[str, str]],
+        total: int,
+        seed: int,
+        rate: int,
+        max_new_tokens: int,
+        long_fraction: float = 0.0,
+        long_chars: int = 30_000,
+    ):
         self.passages = passages
         self.remaining = total
         self.random = random.Random(seed)
         self.rate = rate
         self.max_new_tokens = max_new_tokens
+        self.long_fraction = long_fraction
+        self.long_chars = long_chars
         self.stored: dict[str, dict] = {}  # id -> summary returned by the server
 
     def next_request(self) -> tuple[str, str, dict] | None:
         if self.remaining <= 0:
             return None
         self.remaining -= 1
+        if self.random.random() < self.long_fraction:
+            text = long_text(self.passages, self.long_chars, f"mix-{self.remaining}")
+            return "compress_long", "/v1/contexts", {"text": text, "rate": self.rate}
         roll = self.random.random()
         context, question = self.random.choice(self.passages)
         if roll < 0.4 or (roll < 0.8 and not self.stored):
@@ -117,15 +144,17 @@ async def client_loop(http: httpx.AsyncClient, workload: Workload, deadline: flo
         payload = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
         error = "" if response.status_code == 200 else str(payload.get("detail", response.text))[:200]
         outcomes.append(Outcome(kind, response.status_code, seconds, payload.get("timings", {}), error))
-        if kind == "compress" and response.status_code == 200:
+        if kind.startswith("compress") and response.status_code == 200:
             workload.stored.update({c["id"]: c for c in payload["contexts"]})
 
 
-async def run_clients(url: str, workload: Workload, clients: int, max_seconds: float, timeout: float) -> tuple:
+async def run_clients(
+    url: str, workload: Workload, clients: int, max_seconds: float, timeout: float, headers: dict
+) -> tuple:
     outcomes: list[Outcome] = []
     deadline = time.monotonic() + max_seconds
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(http, workload, deadline, outcomes) for _ in range(clients)))
         elapsed = time.perf_counter() - started
@@ -158,10 +187,12 @@ def untrained_checkpoint(k_enc: int, directory: Path) -> Path:
     return directory
 
 
-def start_server(port: int, store: Path, model: Path | None, threads: int, extra: list[str]) -> subprocess.Popen:
+def start_server(
+    port: int, store: Path, model: Path | None, threads: int, extra: list[str], api_key: str
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "gmsa.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--store", str(store), "--threads", str(threads)] + (["--model", str(model)] if model else []) + extra
-    return subprocess.Popen(command, cwd=REPO)
+    return subprocess.Popen(command, cwd=REPO, env=os.environ | {"GMSA_API_KEY": api_key})
 
 
 def wait_healthy(url: str, server: subprocess.Popen | None, seconds: float) -> None:
@@ -188,10 +219,10 @@ def stop_server(server: subprocess.Popen) -> int:
 
 
 # --------------------------------------------------------------------- checks and report
-def check_via_api(url: str, stored: dict[str, dict]) -> list[str]:
+def check_via_api(url: str, stored: dict[str, dict], headers: dict) -> list[str]:
     """Every context the clients were given is served with the metadata they were given."""
     problems = []
-    with httpx.Client(base_url=url, timeout=30) as http:
+    with httpx.Client(base_url=url, timeout=30, headers=headers) as http:
         for context_id, summary in sorted(stored.items()):
             response = http.get(f"/v1/contexts/{context_id}")
             if response.status_code != 200:
@@ -271,13 +302,19 @@ def markdown(result: dict) -> str:
             f"| {row['ran_on_model']} | {row['mean_batch_items']} |"
         )
     worker = result["server_metrics"].get("worker", {})
+    store = result["store_check"]
+    lost = len(store.get("missing_ids", [])) + len(store.get("blob_problems", []))
     lines += [
         "",
         f"Server worker: {worker.get('batches')} micro-batches, mean {worker.get('mean_batch_items')} items, "
-        f"max {worker.get('max_batch_items')}, busy {worker.get('busy_s')} s.",
-        f"Integrity: API check problems {len(result['api_problems'])}; store {json.dumps(result['store_check'])}.",
+        f"max {worker.get('max_batch_items')}, {worker.get('units')} units of work, {worker.get('cancelled')} "
+        f"requests stopped early, busy {worker.get('busy_s')} s.",
+        f"Integrity: API check problems {len(result['api_problems'])}; **contexts lost: {lost}**; "
+        f"store {json.dumps(store)}.",
         "",
     ]
+    if result.get("probes"):
+        lines += probes_markdown(result["probes"])
     if summary["errors"]:
         lines += ["Errors:", ""] + [f"- {count} x {key}" for key, count in summary["errors"].items()] + [""]
     return "\n".join(lines)
@@ -304,6 +341,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-arg", action="append", default=[], help="extra `gmsa serve` option (repeat)")
     parser.add_argument("--note", default="", help="a line for the report")
     parser.add_argument("--keep", action="store_true", help="keep the temporary store and checkpoint")
+    parser.add_argument("--api-key", help="the server's key (default: a random one for the started server)")
+    parser.add_argument("--long-fraction", type=float, default=0.05, help="share of long compressions in the mix")
+    parser.add_argument("--long-chars", type=int, default=30_000, help="characters per long text (~7k tokens)")
+    parser.add_argument("--long-texts", type=int, default=6, help="long texts per probe compression request")
+    parser.add_argument("--long-head-start", type=float, default=3.0, help="seconds the long probe runs first")
+    parser.add_argument("--long-question-chars", type=int, default=24_000, help="the too-long question probe")
+    parser.add_argument("--probe-repeats", type=int, default=5, help="short answers alone and beside, per round")
+    parser.add_argument("--probe-rounds", type=int, default=2, help="rounds of alone-then-beside (0: no probes)")
     return parser.parse_args(argv)
 
 
@@ -314,17 +359,23 @@ def main(argv: list[str] | None = None) -> int:
     store, server = work / "store", None
     url = args.url or f"http://127.0.0.1:{free_port()}"
     require_loopback(url)
+    api_key = args.api_key or secrets.token_urlsafe(24)
+    headers = {"Authorization": f"Bearer {api_key}"}
     if args.url is None:
-        server = start_server(urlparse(url).port, store, model, args.threads, args.server_arg)
+        server = start_server(urlparse(url).port, store, model, args.threads, args.server_arg, api_key)
     try:
         wait_healthy(url, server, 600)
         passages = load_passages(args.data, args.passages, args.seed)
-        workload = Workload(passages, args.requests, args.seed, args.rate, args.max_new_tokens)
-        outcomes, elapsed = asyncio.run(
-            run_clients(url, workload, args.clients, args.max_seconds, args.request_timeout)
+        probed = asyncio.run(probes(url, headers, passages, args)) if args.probe_rounds else {}
+        workload = Workload(
+            passages, args.requests, args.seed, args.rate, args.max_new_tokens, args.long_fraction, args.long_chars
         )
-        api_problems = check_via_api(url, workload.stored)
-        metrics = httpx.get(f"{url}/metrics", timeout=30).json()
+        workload.stored.update(probed.get("long_contexts", {}))
+        outcomes, elapsed = asyncio.run(
+            run_clients(url, workload, args.clients, args.max_seconds, args.request_timeout, headers)
+        )
+        api_problems = check_via_api(url, workload.stored, headers)
+        metrics = httpx.get(f"{url}/v1/stats", timeout=30, headers=headers).json()
     finally:
         exit_code = stop_server(server) if server is not None else None
     store_check = check_store(store, workload.stored) if server is not None else {"skipped": "external server"}
@@ -334,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.untrained_k_enc:
         model_name = f"untrained GMSA.from_backbone('default', GMSAConfig(k_enc={args.untrained_k_enc}))"
     config = vars(args) | {"model": model_name, "command": " ".join(["python", *sys.argv]), "url": url}
+    config["api_key"] = "(given)" if args.api_key else "(random)"
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
         "summary": summarize(outcomes, elapsed),
@@ -341,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_exit_code": exit_code,
         "api_problems": api_problems,
         "store_check": store_check,
+        "probes": {k: v for k, v in probed.items() if k != "long_contexts"},
         "outcomes": [asdict(o) for o in outcomes],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"load-{args.label}.md").write_text(markdown(result))
     print(markdown(result))
     intact = not api_problems and store_check.get("intact", True)
-    return 0 if intact and not result["summary"]["errors"] else 1
+    probes_ok = not probed or (probed["holds"] and not probed["errors"])
+    return 0 if intact and probes_ok and not result["summary"]["errors"] else 1
 
 
 if __name__ == "__main__":

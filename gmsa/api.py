@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -212,6 +213,28 @@ class GMSA:
         concatenated in order: ``sum_w ceil(new_w / rate)`` of them, which is ``ceil(n / rate)``
         when ``window - overlap`` is a multiple of the rate. ``progress``: a bar over the batches (several, on a tty).
         """
+        steps = self.compress_steps(texts, rate, batch_size, window, overlap, progress)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def compress_steps(
+        self,
+        texts: str | list[str],
+        rate: int | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        overlap: int | None = None,
+        progress: bool = False,
+    ) -> Generator[int, None, Compressed]:
+        """:meth:`compress` one encoder batch at a time (for a server that interleaves requests).
+
+        Yields the number of windows each batch encoded and returns the :class:`Compressed`;
+        closing the generator stops the work.
+        """
         texts = _as_text_list(texts, "texts")
         rate = _check_rate(self.config.default_rate if rate is None else rate)
         window, overlap = self._window_settings(window, overlap)
@@ -219,7 +242,7 @@ class GMSA:
         windows = plan_windows([len(row) for row in ids], window, overlap)
         drops = [soft_tokens_to_drop(item, rate) for item in windows]
         rows = [ids[w.text][w.start : w.stop] for w in windows]
-        pieces = self._compress_windows(rows, rate, batch_size, progress)
+        pieces = yield from self._compress_windows(rows, rate, batch_size, progress)
         per_text: list[list[torch.Tensor]] = [[] for _ in texts]
         for item, drop, piece in zip(windows, drops, pieces):
             per_text[item.text].append(piece[drop:])
@@ -234,8 +257,8 @@ class GMSA:
 
     def _compress_windows(
         self, rows: list[list[int]], rate: int, batch_size: int, progress: bool = False
-    ) -> list[torch.Tensor]:
-        """Soft tokens ``(ceil(len / rate), H)`` of each id list, batched by similar length.
+    ) -> Generator[int, None, list[torch.Tensor]]:
+        """Soft tokens ``(ceil(len / rate), H)`` of each id list, batched by similar length (yields per batch).
 
         The returned tensors are views into the batch outputs; the caller copies (``torch.cat``).
         """
@@ -247,6 +270,7 @@ class GMSA:
             soft, soft_mask = self._soft_tokens(context_ids.to(self.device), context_mask.to(self.device), rate)
             for j, (i, count) in enumerate(zip(batch, soft_mask.sum(dim=1).tolist())):
                 pieces[i] = soft[j, :count]
+            yield len(batch)
         return pieces
 
     def _soft_tokens(

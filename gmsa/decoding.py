@@ -10,6 +10,8 @@ flash attention). Here the prefill runs the causal fast path and writes into buf
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
@@ -138,6 +140,43 @@ def greedy_generate(
         ``(B, n)`` generated ids (``n <= max_new_tokens``: stops early once all samples ended),
         and the cache (prompt + generated tokens).
     """
+    steps = greedy_steps(
+        decoder,
+        inputs_embeds,
+        attention_mask,
+        max_new_tokens,
+        repetition_penalty,
+        eos_token_id,
+        pad_token_id,
+        min_new_tokens,
+        repeat_ngram,
+        streamer,
+    )
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.inference_mode()
+def greedy_steps(
+    decoder: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    min_new_tokens: int = 0,
+    repeat_ngram: int = 0,
+    streamer=None,
+) -> Generator[torch.Tensor, None, tuple[torch.Tensor, DynamicCache]]:
+    """:func:`greedy_generate` one forward pass at a time (for a server that interleaves requests).
+
+    Yields the ``(B, n)`` ids generated so far after each token (the first after the prefill);
+    returns what :func:`greedy_generate` returns. Closing the generator stops the decoding.
+    """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
     batch, length, _ = inputs_embeds.shape
@@ -171,6 +210,7 @@ def greedy_generate(
             streamer.put(token.cpu())
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
+        yield generated
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         output = decoder(
             input_ids=token[:, None],
@@ -183,6 +223,14 @@ def greedy_generate(
     if streamer is not None:
         streamer.end()
     return generated, cache
+
+
+def answer_texts(tokenizer, output: torch.Tensor, max_new_tokens: list[int]) -> list[str]:
+    """Greedy output ids ``(B, n)`` as text: row ``i`` keeps at most ``max_new_tokens[i]`` tokens, cut at EOS."""
+    return [
+        tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
+        for row, limit in zip(output.tolist(), max_new_tokens)
+    ]
 
 
 def greedy_texts(
@@ -209,7 +257,4 @@ def greedy_texts(
         pad_token_id=tokenizer.pad_token_id,
         **stopping,
     )
-    return [
-        tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
-        for row, limit in zip(output.tolist(), max_new_tokens)
-    ]
+    return answer_texts(tokenizer, output, max_new_tokens)

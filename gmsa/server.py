@@ -1,7 +1,7 @@
 """``gmsa serve``: an HTTP API over one GMSA model and a persistent compressed-context store.
 
 The model is loaded once; every model call runs on one worker thread that micro-batches
-concurrent requests (see :mod:`gmsa.serving.batcher`). Build the app yourself with
+concurrent requests and interleaves their work (see :mod:`gmsa.serving.scheduler`). Build the app yourself with
 :func:`create_app` (tests inject a tiny model) or start it with ``gmsa serve``.
 """
 
@@ -12,23 +12,24 @@ import ipaddress
 import logging
 import os
 import sys
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from .api import GMSA
 from .engines import add_engine_args, engine_from_args
-from .serving.guards import BodyLimitMiddleware, install_error_handlers, require_api_key
-from .serving.metrics import RequestMetrics
+from .serving.guards import GuardMiddleware, install_error_handlers, require_api_key, shorten
+from .serving.metrics import ObserveMiddleware, ServerMetrics
+from .serving.openai_api import add_openai_routes
 from .serving.schemas import (
     CONFLICT,
     ERROR_RESPONSES,
     NOT_FOUND,
+    PROMETHEUS_TEXT,
     AnswerRequest,
     AnswerResponse,
     CompressRequest,
@@ -80,26 +81,20 @@ def create_app(
         openapi_url=None,
         lifespan=lifespan,
     )
-    app.state.settings, app.state.service, app.state.metrics = settings, service, RequestMetrics()
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    metrics = ServerMetrics(lambda: service.worker.queue_depth, service.store.stats, lambda: service.worker.running)
+    service.worker.on_batch = metrics.observe_batch
+    service.worker.on_unit = lambda kind: metrics.units.labels(kind).inc()
+    service.worker.on_cancel = lambda reason: metrics.cancelled.labels(reason).inc()
+    app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)  # outermost: it also counts what the guards refuse
     install_error_handlers(app)
-    _add_metrics_middleware(app)
-    auth = [Depends(require_api_key)] if settings.api_key else []  # so the schema says whether a key is needed
+    auth = [Depends(require_api_key)] if settings.api_key else []  # so the schema says a key is needed
     _state_limits_in_schema(app, settings)
     _add_docs(app, auth)
     _add_routes(app, service, auth)
+    add_openai_routes(app, service, auth)
     return app
-
-
-def _add_metrics_middleware(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = f"{request.method} {route.path}" if route is not None else "unmatched"
-        app.state.metrics.observe(name, response.status_code, time.perf_counter() - started)
-        return response
 
 
 def _state_limits_in_schema(app: FastAPI, settings: ServeSettings) -> None:
@@ -112,13 +107,11 @@ def _state_limits_in_schema(app: FastAPI, settings: ServeSettings) -> None:
 
 
 def _add_docs(app: FastAPI, auth: list) -> None:
+    """The OpenAPI schema (no Swagger UI: it loads its code from a CDN; open the schema in any viewer)."""
+
     @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
-
-    @app.get("/docs", include_in_schema=False, dependencies=auth)
-    def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="gmsa API")
 
 
 def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
@@ -131,12 +124,21 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
         payload = {"status": "ok" if alive else "worker stopped", "worker_alive": alive}
         return JSONResponse(payload, 200 if alive else 503)
 
-    @app.get("/metrics", tags=["service"], dependencies=auth, responses=errors)
-    def metrics() -> dict:
-        """Request counts and latencies per route, model-worker batching, store size."""
+    @app.head("/healthz", include_in_schema=False)
+    def healthz_head() -> Response:
+        return Response(status_code=200 if service.worker.healthy else 503)
+
+    @app.get("/metrics", tags=["service"], dependencies=auth, responses=errors | PROMETHEUS_TEXT)
+    def metrics() -> Response:
+        """Prometheus text format: requests and latency by route and status, batches, queue depth, store size."""
+        return Response(app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/stats", tags=["service"], dependencies=auth, responses=errors)
+    def stats() -> dict:
+        """The same in JSON: request counts and latency percentiles per route, batching, store size."""
         worker = service.worker
         stats = worker.stats
-        return app.state.metrics.snapshot() | {
+        return app.state.metrics.json.snapshot() | {
             "worker": {
                 "queue_depth": worker.queue_depth,
                 "max_queue": service.settings.max_queue,
@@ -146,8 +148,11 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
                 "mean_batch_items": round(stats.items / max(1, stats.batches), 2),
                 "max_batch_items": stats.max_batch_items,
                 "busy_s": round(stats.busy_s, 3),
+                "units": stats.units,
+                "cancelled": stats.cancelled,
+                "running": worker.running,
             },
-            "store": service.store.stats() | {"path": str(service.store.root)},
+            "store": service.store.stats(),
             "model": {
                 "checkpoint_id": service.gmsa.checkpoint_id,
                 "backbone": service.gmsa.config.backbone,
@@ -181,7 +186,7 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
         """Metadata of a stored context."""
         record = await run_in_threadpool(service.store.get, context_id)
         if record is None:
-            raise HTTPException(404, f"no context with id {context_id!r}")
+            raise HTTPException(404, f"no context with id {shorten(context_id)!r}")
         return record.to_dict()
 
     @app.delete(
@@ -194,7 +199,7 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
     async def delete_context(context_id: str) -> Response:
         """Delete a stored context."""
         if not await run_in_threadpool(service.store.delete, context_id):
-            raise HTTPException(404, f"no context with id {context_id!r}")
+            raise HTTPException(404, f"no context with id {shorten(context_id)!r}")
         return Response(status_code=204)
 
     @app.post(

@@ -7,7 +7,9 @@ Layout of a store directory::
     .lock                    held (flock) by the one process that has the store open
 
 Crash safety: a context is written blob first (temp file + rename, fsync'd), then its row is
-committed in one SQLite transaction; it is deleted row first, then blob. So a crash or
+committed in one SQLite transaction; it is deleted row first, then blob (a blob that cannot be
+removed then is an orphan: the row decides whether a context exists). A damaged blob is
+repaired by :meth:`ContextStore.repair` (new blob by rename, then the row's checksum). So a crash or
 ``kill -9`` at any moment leaves every row pointing at a complete blob; the only possible
 leftovers are blobs (or temp files) that no row names, and :meth:`ContextStore.__init__`
 removes them.
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .api import file_sha256
@@ -35,6 +38,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
+log = logging.getLogger(__name__)
 INDEX_NAME = "index.sqlite3"
 BLOB_DIR = "blobs"
 LOCK_NAME = ".lock"
@@ -269,22 +273,58 @@ class ContextStore:
             existing = self.get(new_id)
             if existing is not None:
                 return existing, False
-            path = self.blob_path(new_id)
-            compressed.save(path)
-            _fsync_path(path)
-            _fsync_path(self.blob_dir)
+            path = self._write_blob(new_id, compressed)
             record = _new_record(new_id, text_sha256, compressed, backbone, metadata or {}, path)
             with self._transaction():
                 self._insert(record)
         return record, True
+
+    def is_intact(self, context_id_: str) -> bool:
+        """Whether a stored context's blob exists and matches the checksum in its row."""
+        record = self.get(context_id_)
+        if record is None:
+            return False
+        path = self.blob_path(context_id_)
+        return path.is_file() and file_sha256(path) == record.blob_sha256
+
+    def repair(self, text_sha256: str, compressed: Compressed, backbone: str = "") -> ContextRecord:
+        """Rewrite the blob of a stored context (its row keeps its metadata and creation time).
+
+        For a context whose blob is damaged: the new blob replaces it atomically, then the row takes
+        its checksum. A crash in between leaves the context reported as damaged, to be repaired again.
+        """
+        new_id = context_id(text_sha256, compressed.rates[0], compressed.backbone_fingerprint, compressed.checkpoint_id)
+        with self._mutex:
+            existing = self.get(new_id)
+            if existing is None:
+                return self.put(text_sha256, compressed, backbone)[0]
+            path = self._write_blob(new_id, compressed)
+            fresh = _new_record(new_id, text_sha256, compressed, existing.backbone, existing.metadata, path)
+            record = replace(fresh, created_at=existing.created_at)
+            changed = ["gmsa_version", "n_soft_tokens", "hidden_size", "dtype", "blob_sha256", "blob_bytes"]
+            assignments = ", ".join(f"{name} = ?" for name in changed)
+            with self._transaction():
+                values = [getattr(record, name) for name in changed]
+                self._db.execute(f"UPDATE contexts SET {assignments} WHERE id = ?", [*values, new_id])
+        return record
+
+    def _write_blob(self, context_id_: str, compressed: Compressed) -> Path:
+        path = self.blob_path(context_id_)
+        compressed.save(path)  # temp file + rename
+        _fsync_path(path)
+        _fsync_path(self.blob_dir)
+        return path
 
     def delete(self, context_id_: str) -> bool:
         """Remove a context; ``False`` if there was none."""
         with self._mutex:
             with self._transaction():
                 deleted = self._db.execute("DELETE FROM contexts WHERE id = ?", (context_id_,)).rowcount
-            if deleted:
-                self.blob_path(context_id_).unlink(missing_ok=True)
+            if deleted:  # the row is gone: the context is deleted even if its file cannot be removed now
+                try:
+                    self.blob_path(context_id_).unlink(missing_ok=True)
+                except OSError as err:  # removed with the orphans the next time the store is opened
+                    log.warning("context %s deleted; its blob stays until the store is reopened: %s", context_id_, err)
         return bool(deleted)
 
     def _insert(self, record: ContextRecord) -> None:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
 from contextlib import ExitStack, contextmanager
 
 import pytest
-import schemathesis
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
-from schemathesis import GenerationMode
 
 from gmsa import GMSA, GMSAConfig
 from gmsa.cli import build_parser, main
@@ -62,14 +58,14 @@ def client(serve) -> TestClient:
 def paused_model(model: GMSA, monkeypatch):
     """Make the model's compress wait until the block exits; yields an event set once it is entered."""
     gate, entered = threading.Event(), threading.Event()
-    compress = model.compress
+    compress_steps = model.compress_steps
 
-    def waiting_compress(*args, **kwargs):
+    def waiting_compress_steps(*args, **kwargs):  # what the worker calls, one unit per step
         entered.set()
         gate.wait(20)
-        return compress(*args, **kwargs)
+        return (yield from compress_steps(*args, **kwargs))
 
-    monkeypatch.setattr(model, "compress", waiting_compress)
+    monkeypatch.setattr(model, "compress_steps", waiting_compress_steps)
     try:
         yield entered
     finally:
@@ -187,7 +183,7 @@ def test_answers_from_raw_text_are_not_stored(client, model):
     assert payload["context_ids"] == [None]
     assert payload["answers"] == model.generate(model.compress([PARIS], rate=2), ["What?"], max_new_tokens=4)
     assert payload["timings"]["compress_ms"] > 0 and payload["timings"]["generate_ms"] > 0
-    assert client.get("/metrics").json()["store"]["contexts"] == 0
+    assert client.get("/v1/stats").json()["store"]["contexts"] == 0
 
 
 def test_reconstruction_matches_the_library(client, model):
@@ -201,7 +197,7 @@ def test_reconstruction_matches_the_library(client, model):
 def test_metrics_count_requests_and_store_size(client):
     client.post("/v1/contexts", json={"texts": [FOX, PARIS]})
     client.get("/v1/contexts/" + "0" * 32)
-    metrics = client.get("/metrics").json()
+    metrics = client.get("/v1/stats").json()
     routes = metrics["routes"]
     assert routes["POST /v1/contexts"]["by_status"] == {"200": 1}
     assert routes["GET /v1/contexts/{context_id}"]["by_status"] == {"404": 1}
@@ -213,7 +209,7 @@ def test_metrics_count_requests_and_store_size(client):
 def test_openapi_schema_and_docs_are_served(client):
     schema = client.get("/openapi.json").json()
     assert {"/v1/contexts", "/v1/contexts/{context_id}", "/v1/answers", "/v1/reconstructions"} <= set(schema["paths"])
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 404  # Swagger UI would load its code from a CDN
 
 
 def test_openapi_schema_states_the_servers_limits(serve):
@@ -260,21 +256,22 @@ def test_concurrent_requests_are_micro_batched(client, model, monkeypatch):
         alone = model.compress([text], rate=2).soft_tokens[0]
         batched = store.load(response.json()["contexts"][0]["id"]).soft_tokens[0]
         assert torch.allclose(alone, batched, atol=1e-5)
-    assert client.get("/metrics").json()["worker"]["max_batch_items"] == len(texts)
+    assert client.get("/v1/stats").json()["worker"]["max_batch_items"] == len(texts)
 
 
-def test_one_bad_request_does_not_fail_its_batch(serve, model, monkeypatch):
-    client = serve(max_text_tokens=12)
+def test_one_bad_request_does_not_fail_its_batch(client, model, monkeypatch):
+    worker = client.app.state.service.worker
     with paused_model(model, monkeypatch) as entered:
         blocker = occupy_worker(client, entered)
-        calls = [lambda t=t: client.post("/v1/contexts", json={"text": t}) for t in (FOX, PARIS + " " + PARIS)]
-        threads, results = in_threads(calls)
-        wait_for(lambda: client.app.state.service.worker.queue_depth == 2)
+        bad = worker.submit(CompressTask([PARIS + " " + PARIS], 4, 12))  # over its own token limit in the worker
+        threads, results = in_threads([lambda: client.post("/v1/contexts", json={"text": FOX})])
+        wait_for(lambda: worker.queue_depth == 2)
     for thread in threads:
         thread.join(20)
     blocker.result(10)
-    assert [r.status_code for r in results] == [200, 413]
-    assert "tokens, more than this server accepts (12)" in results[1].json()["detail"]
+    assert [r.status_code for r in results] == [200]
+    with pytest.raises(ValueError, match="tokens, more than this server accepts \\(12\\)"):
+        bad.result(10)
 
 
 # --------------------------------------------------------------------- errors
@@ -434,7 +431,7 @@ def test_unexpected_errors_are_json_500_without_traceback(serve, monkeypatch):
 PROTECTED = [
     ("GET", "/metrics", None),
     ("GET", "/openapi.json", None),
-    ("GET", "/docs", None),
+    ("GET", "/v1/stats", None),
     ("POST", "/v1/contexts", {"text": FOX}),
     ("GET", "/v1/contexts/" + "0" * 32, None),
     ("DELETE", "/v1/contexts/" + "0" * 32, None),
@@ -488,67 +485,3 @@ def test_gmsa_serve_refuses_a_store_in_use(tmp_path, capsys):
     with ContextStore(tmp_path / "busy"):
         assert main(["serve", "--store", str(tmp_path / "busy")]) == 2
     assert "in use by another process" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------- fuzzing
-FUZZ_KEY = "fuzz-key"
-# Data that breaks the schema must be refused with one of these (413: a size limit, as the issue asks).
-REFUSALS = [400, 401, 404, 409, 413, 422, 429]
-FUZZ_CONFIG = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {"expected-statuses": REFUSALS}}})
-
-
-@pytest.fixture(scope="module")
-def fuzzed_api(model, tmp_path_factory):
-    """The OpenAPI schema of a live app with an API key (module-wide store: fuzzed requests accumulate)."""
-    store = ContextStore(tmp_path_factory.mktemp("fuzz") / "store")
-    settings = ServeSettings(api_key=FUZZ_KEY, max_new_tokens=8, max_reconstruct_tokens=64)
-    app = create_app(model, store, settings)
-    headers = {"Authorization": f"Bearer {FUZZ_KEY}"}
-    yield schemathesis.openapi.from_asgi("/openapi.json", app, config=FUZZ_CONFIG, headers=headers)
-    store.close()
-
-
-WITH_INPUT = ["/v1/contexts", "/v1/contexts/{context_id}", "/v1/answers", "/v1/reconstructions"]
-OPERATIONS = [
-    ("GET", "/healthz"),
-    ("GET", "/metrics"),
-    ("POST", "/v1/contexts"),
-    ("GET", "/v1/contexts/{context_id}"),
-    ("DELETE", "/v1/contexts/{context_id}"),
-    ("POST", "/v1/answers"),
-    ("POST", "/v1/reconstructions"),
-]
-FUZZ_CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
-    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if p in WITH_INPUT
-]
-FUZZ_EXAMPLES = int(os.environ.get("GMSA_FUZZ_EXAMPLES", "5"))  # per case; raise it for a longer hunt
-
-
-def test_fuzzing_covers_every_operation(fuzzed_api):
-    found = {(result.ok().method.upper(), result.ok().path) for result in fuzzed_api.get_all_operations()}
-    assert found == set(OPERATIONS)
-
-
-@pytest.mark.parametrize("method, path, mode", FUZZ_CASES)
-def test_fuzz_finds_no_server_error(fuzzed_api, method, path, mode):
-    """Schemathesis cases from the OpenAPI schema (valid and invalid): no 5xx, responses as documented.
-
-    Every default check runs (server errors, status codes, content types, response schemas, auth,
-    rejection of invalid data) except ``positive_data_acceptance``: schema-valid requests may still
-    hit limits that JSON schema cannot state (token counts, whitespace-only text, unknown ids).
-    """
-    strategy = fuzzed_api[path][method].as_strategy(generation_mode=mode)
-
-    @given(case=strategy)
-    @settings(
-        max_examples=FUZZ_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    def check(case):
-        headers = {"Authorization": f"Bearer {FUZZ_KEY}"}
-        case.call_and_validate(headers=headers, excluded_checks=[schemathesis.checks.positive_data_acceptance])
-
-    check()

@@ -1,27 +1,26 @@
-"""One model worker thread with a bounded queue that micro-batches concurrent requests.
+"""The model work of ``gmsa serve``: tasks, and how a micro-batch of them runs unit by unit.
 
-Requests submit *tasks*; the worker takes the oldest one, gathers whatever else is queued
-(waiting at most ``batch_wait_s`` for more, up to ``max_batch_items`` texts/questions), groups
-compatible tasks (compressions at one rate, answers with the same generation options) and
-runs each group as one call of :class:`gmsa.GMSA`. If a group fails, its tasks are retried one
-by one so that one bad request cannot fail the others.
+A *task* is what one request asks of the model. Compatible tasks (compressions at one rate,
+answers with the same generation options) are merged into a micro-batch, and
+:func:`run_units` turns the micro-batch into a generator that does one *unit* of model work per
+``next()``: one encoder batch of windows, the prefill of a batch of questions, one decode step
+(all questions of the batch at once). The scheduler (:mod:`gmsa.serving.scheduler`) interleaves
+the units of several micro-batches and stops one between units.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+
+import torch
 
 from ..api import GMSA
 from ..compressed import Compressed
+from ..decoding import answer_texts, greedy_steps
+from ..model import pack
 
-log = logging.getLogger(__name__)
+Units = Generator[str, None, list]  # yields the kind of each unit done; returns one value per task
 
 
 class QueueFullError(RuntimeError):
@@ -41,6 +40,10 @@ class CompressTask:
     def key(self) -> tuple:
         return ("compress", self.rate)
 
+    @property
+    def items(self) -> int:
+        return len(self.texts)
+
 
 @dataclass
 class AnswerTask:
@@ -48,9 +51,15 @@ class AnswerTask:
     questions: list[str]
     max_new_tokens: int
     repetition_penalty: float
+    # called on the model thread with each question's token ids so far, after every decode step
+    on_tokens: Callable[[list[list[int]]], None] | None = field(default=None, compare=False, repr=False)
 
     def key(self) -> tuple:
         return ("answer", self.max_new_tokens, self.repetition_penalty)
+
+    @property
+    def items(self) -> int:
+        return len(self.compressed)
 
 
 @dataclass
@@ -59,6 +68,10 @@ class ReconstructTask:
 
     def key(self) -> tuple:
         return ("reconstruct",)
+
+    @property
+    def items(self) -> int:
+        return len(self.compressed)
 
 
 Task = CompressTask | AnswerTask | ReconstructTask
@@ -69,212 +82,106 @@ class TaskResult:
     """What a task produced and how long it took."""
 
     value: object
-    queue_s: float
-    run_s: float
+    queue_s: float  # from submission until its micro-batch first ran
+    run_s: float  # its share of the micro-batch's model time
     batch_items: int
 
 
-@dataclass
-class _Job:
-    task: Task
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
-
-    @property
-    def items(self) -> int:
-        task = self.task
-        return len(task.texts) if isinstance(task, CompressTask) else len(task.compressed)
+def run_units(gmsa: GMSA, tasks: list[Task], batch_size: int, unit_tokens: int) -> Units:
+    """The unit generator of one micro-batch (every task of the same kind and key)."""
+    if isinstance(tasks[0], CompressTask):
+        return compress_units(gmsa, tasks, batch_size, unit_tokens)
+    if isinstance(tasks[0], AnswerTask):
+        return answer_units(gmsa, tasks, batch_size)
+    return reconstruct_units(gmsa, tasks, batch_size)
 
 
-@dataclass
-class WorkerStats:
-    batches: int = 0
-    tasks: int = 0
-    items: int = 0
-    max_batch_items: int = 0
-    busy_s: float = 0.0
+def compress_units(gmsa: GMSA, tasks: list[CompressTask], batch_size: int, unit_tokens: int) -> Units:
+    """One unit per encoder batch of windows, a batch holding at most ``unit_tokens`` tokens (one window at least)."""
+    texts = [text for task in tasks for text in task.texts]
+    lengths = [len(row) for row in gmsa.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    _check_lengths(tasks, lengths)
+    longest_window = max(1, min(gmsa.config.window, max(lengths)))
+    windows_per_unit = max(1, min(batch_size, unit_tokens // longest_window))
+    compressed = yield from _tagged(
+        gmsa.compress_steps(texts, rate=tasks[0].rate, batch_size=windows_per_unit), "encode"
+    )
+    return _split(compressed, [len(task.texts) for task in tasks])
 
 
-class ModelWorker:
-    """Runs every model call of the server on one thread, in micro-batches."""
+def answer_units(gmsa: GMSA, tasks: list[AnswerTask], batch_size: int) -> Units:
+    """One unit for each prefill and each decode step of each batch of ``batch_size`` questions.
 
-    def __init__(
-        self,
-        gmsa: GMSA,
-        max_queue: int = 64,
-        max_batch_items: int = 32,
-        batch_wait_s: float = 0.005,
-        model_batch_size: int = 8,
-    ):
-        self.gmsa = gmsa
-        self.max_batch_items = max_batch_items
-        self.batch_wait_s = batch_wait_s
-        self.model_batch_size = model_batch_size
-        self.stats = WorkerStats()
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
-        self._carry: deque[_Job] = deque()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    # ----------------------------------------------------------------- lifecycle
-    def start(self) -> None:
-        """Start the worker thread (idempotent)."""
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="gmsa-model-worker", daemon=True)
-                self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running batch, fail what is still queued, and stop the thread."""
-        thread = self._thread
-        if thread is None:
-            return
-        while True:
-            try:
-                self._queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                self._fail_queued(RuntimeError("the server is shutting down"))
-        thread.join(timeout)
-        self._fail_queued(RuntimeError("the server is shutting down"))
-        self._thread = None
-
-    @property
-    def healthy(self) -> bool:
-        """False only if the worker thread was started and has died (it starts on demand)."""
-        return self._thread is None or self._thread.is_alive()
-
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._carry)
-
-    def submit(self, task: Task) -> Future:
-        """Queue a task; its future gets a :class:`TaskResult`. Raises :class:`QueueFullError`."""
-        self.start()
-        job = _Job(task)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full as err:
-            raise QueueFullError(f"the model queue is full ({self._queue.maxsize} requests waiting)") from err
-        return job.future
-
-    # ----------------------------------------------------------------- the loop
-    def _loop(self) -> None:
-        while True:
-            jobs = self._collect()
-            if jobs is None:
-                return
-            for group in _group_by_key(jobs):
-                self._run_group(group)
-
-    def _collect(self) -> list[_Job] | None:
-        """The next micro-batch: the oldest job plus what arrives within ``batch_wait_s``."""
-        first = self._carry.popleft() if self._carry else self._queue.get()
-        if first is None:
-            return None
-        jobs, items = [first], first.items
-        deadline = time.perf_counter() + self.batch_wait_s
-        while items < self.max_batch_items:
-            job = self._next_waiting(deadline)
-            if job is None:
-                break
-            if items + job.items > self.max_batch_items:
-                self._carry.append(job)
-                break
-            jobs.append(job)
-            items += job.items
-        return [job for job in jobs if job.future.set_running_or_notify_cancel()]
-
-    def _next_waiting(self, deadline: float) -> _Job | None:
-        if self._carry:
-            return self._carry.popleft()
-        try:
-            job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-        except queue.Empty:
-            return None
-        if job is None:  # stop requested: finish this batch first
-            self._queue.put(None)
-        return job
-
-    def _run_group(self, jobs: list[_Job]) -> None:
-        started = time.perf_counter()
-        try:
-            values = _RUNNERS[type(jobs[0].task)](self, [job.task for job in jobs])
-        except Exception as err:  # noqa: BLE001 - every request must get an answer
-            if len(jobs) > 1:  # find the request that failed: run them one by one
-                for job in jobs:
-                    self._run_group([job])
-                return
-            self._record(jobs, jobs[0].items, time.perf_counter() - started)
-            jobs[0].future.set_exception(err)
-            return
-        run_s = time.perf_counter() - started
-        items = sum(job.items for job in jobs)
-        self._record(jobs, items, run_s)
-        for job, value in zip(jobs, values):
-            job.future.set_result(TaskResult(value, started - job.enqueued, run_s * job.items / items, items))
-
-    def _record(self, jobs: list[_Job], items: int, run_s: float) -> None:
-        stats = self.stats
-        stats.batches += 1
-        stats.tasks += len(jobs)
-        stats.items += items
-        stats.max_batch_items = max(stats.max_batch_items, items)
-        stats.busy_s += run_s
-
-    def _fail_queued(self, error: Exception) -> None:
-        pending = list(self._carry)
-        self._carry.clear()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                pending.append(job)
-        for job in pending:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(error)
-
-    # ----------------------------------------------------------------- model calls
-    def _compress(self, tasks: list[CompressTask]) -> list[Compressed]:
-        texts = [text for task in tasks for text in task.texts]
-        lengths = [len(row) for row in self.gmsa.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        _check_lengths(tasks, lengths)
-        compressed = self.gmsa.compress(texts, rate=tasks[0].rate, batch_size=self.model_batch_size)
-        return _split(compressed, [len(task.texts) for task in tasks])
-
-    def _answer(self, tasks: list[AnswerTask]) -> list[list[str]]:
-        merged = concat([task.compressed for task in tasks])
-        questions = [question for task in tasks for question in task.questions]
-        first = tasks[0]
-        answers = self.gmsa.generate(
-            merged,
-            questions,
-            max_new_tokens=first.max_new_tokens,
-            repetition_penalty=first.repetition_penalty,
-            batch_size=self.model_batch_size,
+    With an inference engine (``gmsa.engine``) the engine decodes the whole micro-batch in one unit.
+    """
+    merged = concat([task.compressed for task in tasks])
+    questions = [question for task in tasks for question in task.questions]
+    first = tasks[0]
+    sizes = [len(task.questions) for task in tasks]
+    if gmsa.engine is not None:
+        yield "engine"
+        answers = gmsa.generate(merged, questions, first.max_new_tokens, first.repetition_penalty, batch_size)
+        return _split(answers, sizes)
+    rows = gmsa.prompt_embeds(merged, questions)
+    listeners = _row_listeners(tasks)
+    answers: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        packed = pack([[row] for row in rows[start : start + batch_size]], left_pad=True)
+        steps = greedy_steps(
+            gmsa.model.decoder,
+            packed.inputs_embeds,
+            packed.attention_mask,
+            first.max_new_tokens,
+            first.repetition_penalty,
+            eos_token_id=gmsa.tokenizer.eos_token_id,
+            pad_token_id=gmsa.tokenizer.pad_token_id,
         )
-        return _split(answers, [len(task.questions) for task in tasks])
+        while True:
+            try:
+                generated = next(steps)
+            except StopIteration as done:
+                output = done.value[0]
+                break
+            _notify(listeners, start, generated)
+            yield "decode"
+        _notify(listeners, start, output)
+        answers += answer_texts(gmsa.tokenizer, output, [first.max_new_tokens] * output.shape[0])
+    return _split(answers, sizes)
 
-    def _reconstruct(self, tasks: list[ReconstructTask]) -> list[list[str]]:
-        texts = self.gmsa.reconstruct(concat([task.compressed for task in tasks]), batch_size=self.model_batch_size)
-        return _split(texts, [len(task.compressed) for task in tasks])
+
+def reconstruct_units(gmsa: GMSA, tasks: list[ReconstructTask], batch_size: int) -> Units:
+    """One unit for the whole micro-batch (``--max-reconstruct-tokens`` keeps it short)."""
+    yield "reconstruct"
+    texts = gmsa.reconstruct(concat([task.compressed for task in tasks]), batch_size=batch_size)
+    return _split(texts, [len(task.compressed) for task in tasks])
 
 
-_RUNNERS: dict[type, Callable] = {
-    CompressTask: ModelWorker._compress,
-    AnswerTask: ModelWorker._answer,
-    ReconstructTask: ModelWorker._reconstruct,
-}
+def _tagged(steps: Generator, kind: str) -> Generator[str, None, object]:
+    """Re-yield a model generator's steps as units of ``kind``; return what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        yield kind
 
 
-def _group_by_key(jobs: list[_Job]) -> list[list[_Job]]:
-    """Jobs with the same task key, in order of their first arrival."""
-    groups: dict[tuple, list[_Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.task.key(), []).append(job)
-    return list(groups.values())
+def _row_listeners(tasks: list[AnswerTask]) -> list[tuple[int, int, Callable]]:
+    """(first row, rows, callback) of every task that listens to its tokens."""
+    listeners, row = [], 0
+    for task in tasks:
+        if task.on_tokens is not None:
+            listeners.append((row, len(task.questions), task.on_tokens))
+        row += len(task.questions)
+    return listeners
+
+
+def _notify(listeners: list[tuple[int, int, Callable]], offset: int, generated: torch.Tensor) -> None:
+    """Give each listener its rows of ``generated`` (rows ``offset..`` of the micro-batch)."""
+    for first, count, callback in listeners:
+        rows = range(max(first, offset), min(first + count, offset + generated.shape[0]))
+        if len(rows):
+            callback([generated[row - offset].tolist() for row in rows])
 
 
 def _check_lengths(tasks: list[CompressTask], lengths: list[int]) -> None:
@@ -307,4 +214,16 @@ def concat(parts: list[Compressed]) -> Compressed:
         first.backbone_fingerprint,
         first.checkpoint_id,
         first.gmsa_version,
+    )
+
+
+def join_rows(compressed: Compressed) -> Compressed:
+    """One text whose soft tokens are those of every text of ``compressed``, in order."""
+    return Compressed(
+        [torch.cat(compressed.soft_tokens)],
+        [compressed.rates[0]],
+        [sum(compressed.n_tokens)],
+        compressed.backbone_fingerprint,
+        compressed.checkpoint_id,
+        compressed.gmsa_version,
     )

@@ -1,10 +1,17 @@
-"""Request guards: bearer-token auth, a cap on body size, JSON errors for everything."""
+"""Request guards, as pure ASGI middleware that runs before the body is read.
+
+:class:`GuardMiddleware` refuses, in this order and without reading the body: a missing or
+wrong API key (401), a declared body over the limit (413), a body that is not JSON on a route
+that takes JSON (415). It also caps bodies sent without a ``Content-Length``. The error
+handlers answer every error as JSON without echoing the input back.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import secrets
+from contextvars import ContextVar
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -15,22 +22,33 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
+# the ASGI receive of the request being served: the service watches it for the client going away
+CLIENT_RECEIVE: ContextVar[Receive] = ContextVar("gmsa_client_receive")
 _bearer = HTTPBearer(auto_error=False, description="the server's API key (--api-key or GMSA_API_KEY)")
+PUBLIC_PATHS = frozenset({"/healthz"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+MAX_ECHO_CHARS = 40
+
+
+def shorten(value: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``value`` cut to ``limit`` characters (with an ellipsis): client input echoed in errors stays small."""
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 def require_api_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """401 unless the request carries ``Authorization: Bearer <key>`` (when the server has a key)."""
-    expected = request.app.state.settings.api_key
-    if not expected:
-        return
-    given = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        reason = "missing" if credentials is None else "wrong"
-        raise HTTPException(
-            401, f"{reason} API key: send the header 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"}
-        )
+    """Declares the bearer scheme in the OpenAPI schema; :class:`GuardMiddleware` has already checked the key."""
+
+
+def key_problem(headers: dict[bytes, bytes], expected: str) -> str | None:
+    """Why the request's ``Authorization`` header does not carry ``Bearer <expected>`` (``None`` if it does)."""
+    scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if not scheme:
+        return "missing"
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
+        return "wrong"
+    return None
 
 
 class BodyTooLargeError(HTTPException):
@@ -38,22 +56,49 @@ class BodyTooLargeError(HTTPException):
         super().__init__(413, f"request body is larger than this server's limit of {limit} bytes")
 
 
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with a JSON 413, whether or not Content-Length is sent."""
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+
+class GuardMiddleware:
+    """API key, body size and content type, checked from the headers alone (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int):
         self.app = app
+        self.api_key = api_key
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            error = BodyTooLargeError(self.max_bytes)
-            await JSONResponse({"detail": error.detail}, 413)(scope, receive, send)
+        headers = dict(scope["headers"])
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        refusal = self._refusal(scope, headers, has_body)
+        if refusal is not None:
+            status, detail, extra = refusal
+            # the unread body would be taken for the next request: tell the client this connection ends
+            extra |= {"Connection": "close"} if has_body else {}
+            await JSONResponse({"detail": detail}, status, extra)(scope, receive, send)
             return
+        CLIENT_RECEIVE.set(receive)
+        await self.app(scope, self._limited(receive), send)
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], has_body: bool) -> tuple[int, str, dict] | None:
+        if self.api_key and scope["path"] not in PUBLIC_PATHS:
+            problem = key_problem(headers, self.api_key)
+            if problem:
+                detail = f"{problem} API key: send the header 'Authorization: Bearer <key>'"
+                return 401, detail, {"WWW-Authenticate": "Bearer"}
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return 413, BodyTooLargeError(self.max_bytes).detail, {}
+        if has_body and scope["method"] in BODY_METHODS and not _is_json(headers.get(b"content-type", b"")):
+            return 415, "the body must be JSON: send the header 'Content-Type: application/json'", {}
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
         received = 0
 
         async def limited_receive() -> Message:
@@ -65,7 +110,7 @@ class BodyLimitMiddleware:
                     raise BodyTooLargeError(self.max_bytes)
             return message
 
-        await self.app(scope, limited_receive, send)
+        return limited_receive
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -76,14 +121,9 @@ class AsciiJSONResponse(JSONResponse):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """422s without echoing the input back; unexpected errors as a JSON 500 (the traceback goes to the log)."""
+    """422s without echoing the input back (unexpected errors are answered by the metrics middleware)."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         return AsciiJSONResponse({"detail": jsonable_encoder(errors)}, 422)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": f"internal server error ({type(exc).__name__}); see the server log"}, 500)

@@ -52,7 +52,9 @@ def _one_given(names: tuple[str, ...], absent_with: dict[str, tuple[str, ...]] |
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """No unknown fields and no coercion (``rate: true`` or ``"4"`` is not an integer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Timings(BaseModel):
@@ -68,7 +70,7 @@ class Timings(BaseModel):
 class CompressRequest(Strict):
     """Compress one text (``text``) or several (``texts``) and store the soft tokens."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_given(("text", "texts")))
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_given(("text", "texts")))
 
     text: Text | None = None
     texts: list[Text] | None = Field(None, min_length=1)
@@ -93,6 +95,7 @@ class ContextSummary(BaseModel):
     n_soft_tokens: int
     compression_ratio: float
     created: bool = Field(description="false when the same text, rate and model were already stored")
+    repaired: bool = Field(False, description="true when the stored file was damaged and has been rewritten")
 
 
 class CompressResponse(BaseModel):
@@ -132,6 +135,7 @@ class AnswerRequest(Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "allOf": [
                 _one_given(("context_id", "context_ids", "text"), {"context_id": ("rate",), "context_ids": ("rate",)}),
@@ -198,11 +202,15 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     for code, text in {
         400: "the body is not UTF-8 JSON",
         401: "missing or wrong API key",
-        413: "text, batch, metadata or body larger than the server's limits",
+        413: "text, batch, tokens, metadata or body larger than the server's limits",
+        415: "the body is not sent as application/json",
         422: "invalid request",
         429: "the model queue is full: retry later",
         504: "the request timed out waiting for the model",
     }.items()
+}
+PROMETHEUS_TEXT: dict[int | str, dict] = {
+    200: {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}
 }
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such context"}}
 CONFLICT = {409: {"model": ErrorResponse, "description": "context made by another model checkpoint"}}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
+import math
 import time
 
 from fastapi import HTTPException
@@ -15,20 +16,21 @@ from ..store import ContextRecord, ContextStore, StoreError, content_sha256, con
 from .batcher import (
     AnswerTask,
     CompressTask,
-    ModelWorker,
     QueueFullError,
     ReconstructTask,
     RequestTooLargeError,
     Task,
     TaskResult,
     concat,
+    join_rows,
 )
+from .guards import CLIENT_RECEIVE, shorten
+from .limits import Limits, too_large
+from .scheduler import JobFuture, ModelWorker, WorkCancelledError
 from .schemas import AnswerRequest, CompressRequest, ContextSummary, Timings
 from .settings import ServeSettings
 
-
-def _too_large(message: str) -> HTTPException:
-    return HTTPException(413, message)
+log = logging.getLogger(__name__)
 
 
 class Deadline:
@@ -37,12 +39,19 @@ class Deadline:
     def __init__(self, seconds: float):
         self.started = time.perf_counter()
         self.seconds = seconds
+        self.at = self.started + seconds  # on the time.perf_counter() clock
 
     def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.started)
+        return max(0.0, self.at - time.perf_counter())
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
+
+
+async def _client_gone(receive) -> None:
+    """Returns once the client has disconnected (called after the request body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class GMSAService:
@@ -52,40 +61,63 @@ class GMSAService:
         self.gmsa = gmsa
         self.store = store
         self.settings = settings
+        self.limits = Limits(gmsa, settings)
         self.worker = ModelWorker(
-            gmsa, settings.max_queue, settings.max_batch_items, settings.batch_wait_ms / 1000, settings.model_batch_size
+            gmsa,
+            max_queue=settings.max_queue,
+            max_batch_items=settings.max_batch_items,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            model_batch_size=settings.model_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            unit_tokens=settings.unit_tokens,
+            aging=settings.scheduler_aging,
         )
 
-    # ----------------------------------------------------------------- limits
-    def check_texts(self, texts: list[str], what: str) -> None:
-        if len(texts) > self.settings.max_batch:
-            raise _too_large(f"{len(texts)} {what}, more than this server's limit of {self.settings.max_batch}")
-        for i, text in enumerate(texts):
-            if len(text) > self.settings.max_text_chars:
-                raise _too_large(
-                    f"{what}[{i}] has {len(text)} characters, more than this server's limit "
-                    f"of {self.settings.max_text_chars}"
-                )
-
-    def check_metadata(self, metadata: dict | None) -> None:
-        size = len(json.dumps(metadata or {}, ensure_ascii=False).encode("utf-8", "replace"))
-        if size > self.settings.max_metadata_bytes:
-            limit = self.settings.max_metadata_bytes
-            raise _too_large(f"metadata is {size} bytes of JSON, more than this server's limit of {limit}")
-
     # ----------------------------------------------------------------- model calls
-    async def run(self, task: Task, deadline: Deadline) -> TaskResult:
-        """Run a task on the model worker; 429 if its queue is full, 504 past the deadline."""
+    async def run(self, task: Task, deadline: Deadline, cost: int = 0) -> TaskResult:
+        """Run a task on the model worker; 429 if its queue is full, 504 past the deadline.
+
+        ``cost`` is the task's tokens (see :class:`Limits`): the worker's micro-batches stay under
+        ``max_batch_tokens``.
+        """
+        future = self.submit(task, deadline, cost)
+        waiter = asyncio.wrap_future(future)
+        receive = CLIENT_RECEIVE.get(None)
+        gone = asyncio.ensure_future(_client_gone(receive)) if receive is not None else None
         try:
-            future = self.worker.submit(task)
+            done, _ = await asyncio.wait(
+                [w for w in (waiter, gone) if w is not None], timeout=deadline.left(), return_when="FIRST_COMPLETED"
+            )
+        except asyncio.CancelledError:
+            future.abandon("cancelled")
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if waiter not in done:
+            future.abandon("client gone" if gone in done else "deadline")
+            waiter.cancel()
+            if gone in done:
+                raise HTTPException(499, "the client closed the connection")
+            raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model")
+        return self.result(waiter, deadline)
+
+    def submit(self, task: Task, deadline: Deadline, cost: int = 0) -> JobFuture:
+        """Queue a task on the model worker (429 if its queue is full)."""
+        try:
+            return self.worker.submit(task, cost, deadline.at)
         except QueueFullError as err:
             raise HTTPException(429, f"{err}: retry later", {"Retry-After": "1"}) from err
+
+    @staticmethod
+    def result(waiter: asyncio.Future, deadline: Deadline) -> TaskResult:
+        """A finished task's result, or its error as an HTTP error."""
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline.left()))
-        except TimeoutError as err:
+            return waiter.result()
+        except WorkCancelledError as err:
             raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model") from err
         except RequestTooLargeError as err:
-            raise _too_large(str(err)) from err
+            raise too_large(str(err)) from err
         except (ValueError, TypeError) as err:
             raise HTTPException(422, str(err)) from err
 
@@ -93,29 +125,38 @@ class GMSAService:
     async def compress(self, body: CompressRequest) -> tuple[list[ContextSummary], Timings]:
         deadline = Deadline(self.settings.request_timeout_s)
         texts = body.items()
-        self.check_texts(texts, "texts")
-        self.check_metadata(body.metadata)
+        self.limits.check_texts(texts, "texts")
+        self.limits.check_metadata(body.metadata)
         rate = body.rate or self.gmsa.config.default_rate
         shas = [content_sha256(text) for text in texts]
         ids = [context_id(sha, rate, self.gmsa.config.backbone_fingerprint, self.gmsa.checkpoint_id) for sha in shas]
         records = await run_in_threadpool(lambda: {i: self.store.get(i) for i in set(ids)})
-        todo = {i: (sha, text) for i, sha, text in zip(ids, shas, texts) if records[i] is None}
+        damaged = await run_in_threadpool(lambda: {i for i, r in records.items() if r and not self.store.is_intact(i)})
+        todo = {i: (sha, text) for i, sha, text in zip(ids, shas, texts) if records[i] is None or i in damaged}
         result = None
         created: set[str] = set()
         if todo:
-            task = CompressTask([text for _, text in todo.values()], rate, self.settings.max_text_tokens)
-            result = await self.run(task, deadline)
+            todo_texts = [text for _, text in todo.values()]
+            counts = await run_in_threadpool(self.limits.texts_to_compress, todo_texts)
+            task = CompressTask(todo_texts, rate, self.settings.max_text_tokens)
+            result = await self.run(task, deadline, sum(counts))
             for (new_id, (sha, _)), compressed in zip(todo.items(), result.value):
-                records[new_id], was_new = await run_in_threadpool(
-                    self.store.put, sha, compressed, self.gmsa.config.backbone, body.metadata
-                )
+                records[new_id], was_new = await run_in_threadpool(self._keep, new_id in damaged, sha, compressed, body)
                 created.update([new_id] if was_new else [])
         summaries = []
         for i in ids:
-            record = records[i]
-            summaries.append(_summary(record, i in created))
-            created.discard(i)  # a text given twice is created once
+            summaries.append(_summary(records[i], i in created, i in damaged))
+            created.discard(i)  # a text given twice is created (or repaired) once
+            damaged.discard(i)
         return summaries, _timings(deadline, result, compress=True)
+
+    def _keep(
+        self, repair: bool, sha: str, compressed: Compressed, body: CompressRequest
+    ) -> tuple[ContextRecord, bool]:
+        """Store a new context, or rewrite the damaged blob of a stored one."""
+        if repair:
+            return self.store.repair(sha, compressed, self.gmsa.config.backbone), False
+        return self.store.put(sha, compressed, self.gmsa.config.backbone, body.metadata)
 
     async def stored(self, ids: list[str]) -> dict[str, Compressed]:
         """Soft tokens of stored contexts; 404 for an unknown id, 409 for another model's."""
@@ -123,15 +164,37 @@ class GMSAService:
         for i in dict.fromkeys(ids):
             record = await run_in_threadpool(self.store.get, i)
             if record is None:
-                raise HTTPException(404, f"no context with id {i!r}")
+                raise HTTPException(404, f"no context with id {shorten(i)!r}")
             self.check_same_model(record)
             try:
                 found[i] = await run_in_threadpool(self.store.load, i)
             except KeyError as err:  # deleted meanwhile
-                raise HTTPException(404, f"no context with id {i!r}") from err
+                raise HTTPException(404, f"no context with id {shorten(i)!r}") from err
             except StoreError as err:
-                raise HTTPException(500, f"stored context {i} is damaged: {err}") from err
+                log.error("stored context %s is damaged: %s", i, err)
+                raise HTTPException(
+                    500,
+                    f"stored context {i} is damaged (its file does not match what was written): "
+                    "POST its text again to repair it",
+                ) from err
         return found
+
+    async def prompt_context(
+        self, ids: list[str], texts: list[str], rate: int | None, deadline: Deadline
+    ) -> tuple[Compressed, TaskResult | None]:
+        """Stored contexts ``ids`` then ``texts`` compressed at ``rate`` (not stored), as one row of soft tokens."""
+        parts = []
+        if ids:
+            stored = await self.stored(ids)
+            parts += [stored[i] for i in ids]
+        result = None
+        if texts:
+            self.limits.check_texts(texts, "context_texts")
+            counts = await run_in_threadpool(self.limits.texts_to_compress, texts, "context_texts")
+            task = CompressTask(texts, rate or self.gmsa.config.default_rate, self.settings.max_text_tokens)
+            result = await self.run(task, deadline, sum(counts))
+            parts.append(result.value)
+        return join_rows(concat(parts)), result
 
     def check_same_model(self, record: ContextRecord) -> None:
         config = self.gmsa.config
@@ -147,16 +210,21 @@ class GMSAService:
     async def answer(self, body: AnswerRequest) -> tuple[list[str], list[str | None], Timings]:
         deadline = Deadline(self.settings.request_timeout_s)
         questions = body.question_list()
-        self.check_texts(questions, "questions")
+        self.limits.check_texts(questions, "questions")
         limit = self.settings.max_new_tokens
         if body.max_new_tokens > limit and "max_new_tokens" in body.model_fields_set:
             raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} is over this server's limit of {limit}")
         max_new_tokens = min(body.max_new_tokens, limit)
         compressed_result = None
         if body.text is not None:
-            self.check_texts([body.text], "text")
+            self.limits.check_texts([body.text], "text")
             rate = body.rate or self.gmsa.config.default_rate
-            compressed_result = await self.run(CompressTask([body.text], rate, self.settings.max_text_tokens), deadline)
+            (n_text,) = await run_in_threadpool(self.limits.texts_to_compress, [body.text], "text")
+            await run_in_threadpool(
+                self.limits.questions, questions, [math.ceil(n_text / rate)] * len(questions), max_new_tokens
+            )
+            task = CompressTask([body.text], rate, self.settings.max_text_tokens)
+            compressed_result = await self.run(task, deadline, n_text)
             contexts, ids = [compressed_result.value[0]], [None]
         else:
             ids = body.context_ids or [body.context_id]
@@ -164,8 +232,10 @@ class GMSAService:
             contexts = [stored[i] for i in ids]
         if len(contexts) == 1:
             contexts, ids = contexts * len(questions), ids * len(questions)
+        n_soft = [part.n_soft_tokens[0] for part in contexts]
+        cost = await run_in_threadpool(self.limits.questions, questions, n_soft, max_new_tokens)
         task = AnswerTask(concat(contexts), questions, max_new_tokens, body.repetition_penalty)
-        result = await self.run(task, deadline)
+        result = await self.run(task, deadline, cost)
         timings = _timings(deadline, result)
         if compressed_result is not None:
             timings.compress_ms = round(compressed_result.run_s * 1000, 2)
@@ -177,18 +247,19 @@ class GMSAService:
         deadline = Deadline(self.settings.request_timeout_s)
         record = await run_in_threadpool(self.store.get, context_id_)
         if record is None:
-            raise HTTPException(404, f"no context with id {context_id_!r}")
+            raise HTTPException(404, f"no context with id {shorten(context_id_)!r}")
         if record.n_tokens > self.settings.max_reconstruct_tokens:
-            raise _too_large(
+            raise too_large(
                 f"context has {record.n_tokens} tokens; this server reconstructs at most "
                 f"{self.settings.max_reconstruct_tokens}"
             )
+        cost = self.limits.reconstruction(record.n_soft_tokens, record.n_tokens)
         compressed = (await self.stored([context_id_]))[context_id_]
-        result = await self.run(ReconstructTask(compressed), deadline)
+        result = await self.run(ReconstructTask(compressed), deadline, cost)
         return result.value[0], _timings(deadline, result)
 
 
-def _summary(record: ContextRecord, created: bool) -> ContextSummary:
+def _summary(record: ContextRecord, created: bool, repaired: bool = False) -> ContextSummary:
     return ContextSummary(
         id=record.id,
         rate=record.rate,
@@ -196,6 +267,7 @@ def _summary(record: ContextRecord, created: bool) -> ContextSummary:
         n_soft_tokens=record.n_soft_tokens,
         compression_ratio=round(record.compression_ratio, 4),
         created=created,
+        repaired=repaired,
     )
 
 

@@ -16,6 +16,12 @@ class ServeSettings:
     api_key: str | None = _option(None, "bearer token required on every route but /healthz")
     max_text_chars: int = _option(100_000, "characters per text or question (413 above)")
     max_text_tokens: int = _option(8192, "tokens per text (413 above; long texts are compressed window by window)")
+    max_question_tokens: int = _option(1024, "tokens per question (413 above)")
+    max_request_tokens: int = _option(65536, "tokens of all texts and questions of one request (413 above)")
+    max_sequence_tokens: int = _option(8192, "decoder positions per answer: soft tokens + question + max_new_tokens")
+    max_batch_tokens: int = _option(
+        65536, "tokens per model micro-batch (texts to compress, or prompts + new tokens); one request over it is 413"
+    )
     max_batch: int = _option(32, "texts or questions per request (413 above)")
     max_new_tokens: int = _option(256, "largest max_new_tokens a request may ask for (422 above)")
     max_reconstruct_tokens: int = _option(512, "largest context (in tokens) that may be reconstructed (413 above)")
@@ -26,6 +32,12 @@ class ServeSettings:
     max_batch_items: int = _option(32, "texts/questions merged into one micro-batch")
     batch_wait_ms: float = _option(5.0, "how long the worker waits for more requests to batch")
     model_batch_size: int = _option(8, "rows per forward pass inside a micro-batch (bounds memory)")
+    unit_tokens: int = _option(
+        2048, "tokens per encoder unit of work (at least one window); the worker switches between units"
+    )
+    scheduler_aging: float = _option(
+        0.5, "share of waiting time credited to a run's priority (0: pure least-served-first)"
+    )
 
 
 def setting_fields():
