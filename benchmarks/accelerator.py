@@ -219,9 +219,14 @@ def train(args: argparse.Namespace) -> int:
     for stale in ("ae", "keft", "eval", "result"):  # a rerun on a warm machine starts afresh
         shutil.rmtree(work / stale, ignore_errors=True)
     versions = check(args.dry_run)
+    from gmsa import GMSA, CheckpointError
     from gmsa.backbone import default_backbone_dir
 
     log(f"backbone ready: {default_backbone_dir()}")
+    try:  # the fingerprint covers the backbone's config text (its path too): a mismatch fails here, not at the end
+        GMSA.from_pretrained(None)
+    except CheckpointError as err:
+        raise SystemExit(f"accelerator: FAIL: the shipped checkpoint does not fit this backbone: {err}") from err
     budget = min(60 * args.minutes, args.deadline_min * 60 - (time.time() - STARTED) - args.eval_reserve_s)
     results = {"versions": versions, "budget_s": round(budget, 1), "minutes": args.minutes, "dry_run": args.dry_run}
     results["ae"] = train_stage("ae", payload, work, args, budget * args.ae_share)

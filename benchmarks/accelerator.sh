@@ -85,9 +85,7 @@ EOF
   fi
 fi
 export PYTHONPATH=$REPO:$site${PYTHONPATH:+:$PYTHONPATH}
-if [[ $mode != dry ]]; then
-  export GMSA_CACHE=${GMSA_CACHE:-$STASH/cache}
-fi
+# GMSA_CACHE stays ~/.cache/gmsa: the backbone fingerprint hashes the converted backbone's path (as root: /root/...)
 "$PY" benchmarks/accelerator.py check "${dry[@]}"
 if ((smoke)); then  # a tiny AE + KEFT run on a random backbone: an API difference fails here, in seconds
   "$PY" -m pytest -q -x -p no:cacheprovider tests/test_train.py::test_keft_from_ae_checkpoint_trains_only_the_decoder \

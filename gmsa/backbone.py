@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,7 +118,7 @@ def fingerprint(model: PreTrainedModel) -> str:
     Hashes the config and a few whole tensors (input embeddings, first and last layer
     norms) rather than every weight: cheap, and it tells apart any two real models.
     """
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    digest = hashlib.sha256(_config_text(model).encode())
     # A KEFT decoder LoRA (peft) renames the wrapped weights and adds its own: ignore both.
     named = {k.replace(".base_layer", ""): v for k, v in model.named_parameters() if "lora_" not in k}
     keys = sorted(named)
@@ -125,3 +126,14 @@ def fingerprint(model: PreTrainedModel) -> str:
         digest.update(key.encode())
         digest.update(named[key].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ``to_json_string`` writes the *running* library's version into the config; fixing it to the version
+# the shipped fingerprints were taken with keeps them valid across transformers versions (the
+# accelerator image has 5.17, this project pins 5.23: docs/accelerator.md).
+_HASHED_TRANSFORMERS_VERSION = '"transformers_version": "5.23.0"'
+
+
+def _config_text(model: PreTrainedModel) -> str:
+    text = model.config.to_json_string(use_diff=False)
+    return re.sub(r'"transformers_version": "[^"]*"', _HASHED_TRANSFORMERS_VERSION, text)

@@ -88,3 +88,15 @@ def test_dry_run_leaves_a_loadable_checkpoint_in_small_parts(tmp_path):
     assert (back / "ae" / "metrics.jsonl").is_file() and (back / "keft" / "metrics.jsonl").is_file()  # the curves
     after = sorted((REPO / ".accel").glob("*")) if (REPO / ".accel").is_dir() else []
     assert after == before  # a dry run packs into a temporary folder, never into the real .accel/
+
+
+def test_backbone_fingerprint_does_not_depend_on_the_transformers_version(tiny_gmsa, monkeypatch):
+    import transformers.configuration_utils as configuration_utils
+
+    from gmsa.backbone import fingerprint
+
+    decoder = tiny_gmsa.model.decoder
+    ours = fingerprint(decoder)
+    monkeypatch.setattr(configuration_utils, "__version__", "5.17.0")  # the accelerator image's
+    assert '"transformers_version": "5.17.0"' in decoder.config.to_json_string(use_diff=False)
+    assert fingerprint(decoder) == ours == tiny_gmsa.config.backbone_fingerprint
