@@ -122,7 +122,8 @@ class GMSA:
             return True
         if any(p.requires_grad for p in self.model.parameters()):
             return False
-        self.model.to(dtype)
+        with torch.inference_mode(False):  # plain tensors even when the first call runs in inference mode
+            self.model.to(dtype)
         return True
 
     def _trained_params(self) -> list[torch.Tensor]:

@@ -45,7 +45,8 @@ class Int8StepLinear(nn.Module):
         self._refresh()
 
     def _refresh(self) -> None:
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        version = -1 if self.weight.is_inference() else self.weight._version  # inference tensors have none
+        key = (self.weight.data_ptr(), version, self.weight.dtype, self.weight.device)
         if key != self._seen:
             qweight, scale = quantize_rows(self.weight)
             self.qweight, self.qscale = qweight.to(self.weight.device), scale.to(self.weight.device, self.weight.dtype)

@@ -22,6 +22,7 @@ def test_bf16_weights_are_cast_once_at_first_use(backbone_dir):
     assert gmsa.model.decoder.dtype == torch.float32  # built in fp32; nothing computed yet
     compressed = gmsa.compress(TEXTS, rate=2)
     assert {p.dtype for p in gmsa.model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_inference() for p in gmsa.model.parameters())  # usable outside inference mode too
     assert all(soft.dtype == torch.bfloat16 for soft in compressed.soft_tokens)
     pointers = [p.data_ptr() for p in gmsa.model.parameters()]
     answers = gmsa.generate(compressed, ["Who jumps?", "What is the capital?"], max_new_tokens=4)
