@@ -29,6 +29,7 @@ from .decoding import greedy_texts
 from .distributed import shard_like
 from .merge import group_merge
 from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
+from .precision import DtypeChoice, log_choice, resolve_dtype
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -83,10 +84,17 @@ class GMSA:
         gmsa.reconstruct(ctx)                      # -> ["long passage ..."]
     """
 
-    def __init__(self, model: GMSAModel, tokenizer: PreTrainedTokenizerBase, checkpoint_id: str = "untrained"):
+    def __init__(
+        self,
+        model: GMSAModel,
+        tokenizer: PreTrainedTokenizerBase,
+        checkpoint_id: str = "untrained",
+        dtype: DtypeChoice | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.checkpoint_id = checkpoint_id
+        self.dtype_choice = dtype  # None: run in the dtype the model was built in
         self._prompt_cache: dict[str, list[int]] = {}
         self._merged_encoder: tuple[tuple, nn.Module] | None = None
         self.engine: Engine | None = None  # None: decode with self.model.decoder in this process
@@ -99,37 +107,71 @@ class GMSA:
     def device(self) -> torch.device:
         return next(self.model.decoder.parameters()).device
 
+    @property
+    def inference_dtype(self) -> torch.dtype:
+        """The dtype compression and decoding run in (the chosen one, or the model's own)."""
+        return self.dtype_choice.dtype if self.dtype_choice is not None else self.model.decoder.dtype
+
+    def hold_inference_dtype(self) -> bool:
+        """Cast the whole model to the chosen inference dtype, once; whether it is held in it now.
+
+        Called by every inference method, so the weights are cast once (no per-call casts) the
+        first time the model is used. A model that is being trained (some parameter requires
+        grad) is left alone: training keeps its trainable weights in fp32 and its own autocast.
+        """
+        dtype = self.inference_dtype
+        if self.model.decoder.dtype == dtype and all(p.dtype == dtype for p in self._trained_params()):
+            return True
+        if any(p.requires_grad for p in self.model.parameters()):
+            return False
+        with torch.inference_mode(False):  # plain tensors even when the first call runs in inference mode
+            self.model.to(dtype)
+        return True
+
+    def _trained_params(self) -> list[torch.Tensor]:
+        return [p for name, p in self.model.named_parameters() if "lora_" in name or name.startswith("lsa.")]
+
     # ----------------------------------------------------------------- building and loading
     @classmethod
     def from_backbone(
-        cls, backbone: str | os.PathLike = "default", config: GMSAConfig | None = None, dtype=torch.float32
+        cls,
+        backbone: str | os.PathLike = "default",
+        config: GMSAConfig | None = None,
+        dtype: str | torch.dtype = "auto",
     ) -> GMSA:
-        """An untrained GMSA (the start of training) on a local or the default backbone."""
+        """An untrained GMSA (the start of training) on a local or the default backbone.
+
+        ``dtype`` is the inference dtype (see :func:`inference_choice`): ``"auto"`` (bf16 where
+        this machine computes it faster, else fp32), ``"float32"`` or ``"bfloat16"``. The model
+        is built in fp32 and cast once at its first inference call, unless it is being trained
+        (:meth:`hold_inference_dtype`). A ``torch.dtype`` loads the backbone in that dtype directly.
+        """
         config = config or GMSAConfig()
         config.backbone = str(backbone)
-        decoder, tokenizer = load_backbone(backbone, dtype=dtype)
+        decoder, tokenizer, choice = _load_decoder(backbone, dtype)
         config.backbone_fingerprint = fingerprint(decoder)
-        return cls(GMSAModel(decoder, config), tokenizer)
+        return cls(GMSAModel(decoder, config).requires_grad_(False), tokenizer, dtype=choice)
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | os.PathLike | None = None,
         backbone: str | os.PathLike | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype = "auto",
         device: str = "cpu",
     ) -> GMSA:
         """Load a checkpoint written by :meth:`save_pretrained` (default: the shipped one).
 
         ``backbone`` overrides where the backbone is loaded from (it must be the same
-        weights: their fingerprint is checked).
+        weights: their fingerprint is checked). ``dtype``: as for :meth:`from_backbone`; the
+        trained weights are loaded in full precision and cast with the rest of the model.
         """
         directory = Path(path) if path is not None else DEFAULT_CHECKPOINT
         if not (directory / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"no GMSA checkpoint at {directory} (expected {WEIGHTS_NAME} and gmsa_config.json)")
         config = GMSAConfig.load(directory)
         weights = _verified_weights(directory)
-        decoder, tokenizer = load_backbone(backbone or config.backbone, dtype=dtype)
+        decoder, tokenizer, choice = _load_decoder(backbone or config.backbone, dtype, device)
         actual = fingerprint(decoder)
         if config.backbone_fingerprint and actual != config.backbone_fingerprint:
             raise CheckpointError(
@@ -138,7 +180,8 @@ class GMSA:
             )
         model = GMSAModel(decoder, config)
         load_trained(model, weights, directory)
-        return cls(model.to(device), tokenizer, checkpoint_id=file_sha256(directory / WEIGHTS_NAME)[:16])
+        checkpoint_id = file_sha256(directory / WEIGHTS_NAME)[:16]
+        return cls(model.requires_grad_(False).to(device), tokenizer, checkpoint_id=checkpoint_id, dtype=choice)
 
     def save_pretrained(
         self,
@@ -237,6 +280,7 @@ class GMSA:
         """
         texts = _as_text_list(texts, "texts")
         rate = _check_rate(self.config.default_rate if rate is None else rate)
+        self.hold_inference_dtype()
         window, overlap = self._window_settings(window, overlap)
         ids = self.tokenize_contexts(texts)
         windows = plan_windows([len(row) for row in ids], window, overlap)
@@ -278,6 +322,7 @@ class GMSA:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``GMSAModel.compress`` (``(B, L)`` ids -> ``(B, N, H)`` soft tokens, ``(B, N)`` mask), with the
         encoder's LoRA merged into its weights when the model is in eval mode."""
+        self.hold_inference_dtype()
         if getattr(self.model, "memory", None) is not None or self.model.encoder.training:
             return self.model.compress(input_ids, attention_mask, rate)
         encoder = self.inference_encoder()
@@ -305,6 +350,7 @@ class GMSA:
         ``generate`` on it reads ``[context tokens; question]`` exactly like the original prompt.
         """
         texts = _as_text_list(texts, "texts")
+        self.hold_inference_dtype()
         ids = self.tokenize_contexts(texts)
         embeddings = [self.model.embed(torch.tensor(row, device=self.device)) for row in ids]
         lengths = [len(row) for row in ids]
@@ -319,7 +365,9 @@ class GMSA:
     def _decoder_prompt(self, compressed: Compressed, prompts: list[str]) -> Packed:
         """``[soft tokens; prompt tokens]`` per sample, left-padded: ``(B, T, H)`` embeds + ``(B, T)`` mask."""
         compressed.check_compatible(self.config.backbone_fingerprint, self.checkpoint_id)
+        self.hold_inference_dtype()
         soft, soft_mask = compressed.padded(self.device)
+        soft = soft.to(self.model.decoder.dtype)  # stored soft tokens may come from a run in another dtype
         prompt_ids, prompt_mask = pad([self._prompt_ids(p) for p in prompts], self.tokenizer.pad_token_id)
         packed = self.model.decoder_inputs(
             soft, soft_mask, [(prompt_ids.to(self.device), prompt_mask.to(self.device))], left_pad=True
@@ -455,10 +503,29 @@ def merged_lora_copy(stack: nn.Module) -> nn.Module:
     lora_names = [name for name, module in copied.named_modules() if isinstance(module, LoraLayer)]
     for name in lora_names:
         module = copied.get_submodule(name)
-        module.merge()
+        base = module.get_base_layer()
+        dtype = base.weight.dtype
+        module.float().merge()  # merged in fp32, rounded once to the base weight's dtype
         parent, _, child = name.rpartition(".")
-        setattr(copied.get_submodule(parent), child, module.get_base_layer())
+        setattr(copied.get_submodule(parent), child, base.to(dtype))
     return copied
+
+
+def _load_decoder(
+    backbone: str | os.PathLike, dtype: str | torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, PreTrainedTokenizerBase, DtypeChoice]:
+    """The backbone (fp32, so its fingerprint does not depend on the dtype), its tokenizer and the
+    inference dtype: ``"auto"`` is measured on ``device`` (:func:`gmsa.precision.resolve_dtype`) and logged.
+
+    A ``torch.dtype`` loads the backbone in that dtype directly (e.g. a large backbone in bf16).
+    """
+    if isinstance(dtype, torch.dtype):
+        decoder, tokenizer = load_backbone(backbone, dtype=dtype)
+        return decoder, tokenizer, DtypeChoice(dtype, "requested")
+    choice = resolve_dtype(dtype, device)
+    log_choice(choice, "inference")
+    decoder, tokenizer = load_backbone(backbone, dtype=torch.float32)
+    return decoder, tokenizer, choice
 
 
 def _verified_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -84,7 +84,7 @@ def _quiet_libraries(verbose: bool) -> None:
 def _load(args: argparse.Namespace):
     from .api import GMSA
 
-    return GMSA.from_pretrained(args.model, backbone=args.backbone)
+    return GMSA.from_pretrained(args.model, backbone=args.backbone, dtype=getattr(args, "dtype", "auto"))
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
@@ -232,6 +232,16 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GMSA checkpoint directory (default: the shipped one)")
     parser.add_argument("--backbone", default=None, help="load the backbone from this local directory instead")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_dtype_arg(parser)
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """``--dtype {auto,float32,bfloat16}``: the inference dtype (auto: bf16 where measured faster)."""
+    from .precision import DTYPE_CHOICES
+
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="inference dtype (auto: bf16 where this CPU is faster)"
+    )
 
 
 def _text_args(parser: argparse.ArgumentParser) -> None:

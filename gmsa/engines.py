@@ -255,5 +255,5 @@ def engine_from_args(args: argparse.Namespace, gmsa: GMSA) -> Engine | None:
         check_export(gmsa, engine.model)
         return engine
     import_vllm()  # fail before exporting
-    dtype = str(gmsa.model.decoder.dtype).removeprefix("torch.")
+    dtype = str(gmsa.inference_dtype).removeprefix("torch.")  # the dtype gmsa itself would decode in
     return VLLMEngine(exported_decoder(gmsa, args.engine_model), dtype=dtype)

@@ -85,7 +85,8 @@ def qwen_dir(tmp_path_factory) -> Path:
 def make_gmsa(path: Path, **overrides) -> GMSA:
     torch.manual_seed(0)
     values = {"k_enc": 2, "k_lsa": 1, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_context_tokens": 64}
-    return GMSA.from_backbone(path, GMSAConfig(**(values | overrides)))
+    # fp32 whatever this machine's fastest dtype: unit tests must not depend on the CPU they run on
+    return GMSA.from_backbone(path, GMSAConfig(**(values | overrides)), dtype="float32")
 
 
 @pytest.fixture

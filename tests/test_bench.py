@@ -49,6 +49,8 @@ def settings(checkpoint, passages, tmp_path, **overrides) -> BenchSettings:
         text=str(passages),
         out=str(tmp_path / "out" / "bench.json"),
         threads=1,
+        dtype="float32",
+        baseline_dtypes=["float32"],
     )
     return BenchSettings(**(values | overrides))
 
@@ -56,7 +58,7 @@ def settings(checkpoint, passages, tmp_path, **overrides) -> BenchSettings:
 def test_rows_cover_every_length_and_arm(checkpoint, passages, tmp_path):
     results = run_bench(settings(checkpoint, passages, tmp_path), log=lambda line: None)
     rows = results["rows"]
-    arms = ["uncompressed", "gmsa-fresh-r4", "gmsa-stored-r4", "gmsa-fresh-r8", "gmsa-stored-r8"]
+    arms = ["uncompressed-float32", "gmsa-fresh-r4", "gmsa-stored-r4", "gmsa-fresh-r8", "gmsa-stored-r8"]
     assert [(r["length"], r["arm"]) for r in rows] == [(n, arm) for n in (20, 150) for arm in arms]
     assert all(r["status"] == "ok" for r in rows)
     for row in rows:
@@ -69,7 +71,14 @@ def test_rows_cover_every_length_and_arm(checkpoint, passages, tmp_path):
     fresh = next(r for r in rows if r["length"] == 150 and r["arm"] == "gmsa-fresh-r4")
     assert {"encoder", "merge_lsa", "compress_other"} <= set(fresh["wall"]["phases_s"])
     assert fresh["wall"]["compress_tokens_per_s"] > 0
-    assert set(fresh["cpu"]["speedup_e2e"]) == {"ratio_of_medians", "paired_median", "paired_min", "paired_max"}
+    assert set(fresh["cpu"]["speedup_e2e"]) == {
+        "ratio_of_medians",
+        "paired_median",
+        "paired_min",
+        "paired_max",
+        "against",
+    }
+    assert fresh["cpu"]["speedup_e2e"]["against"] == "uncompressed-float32"
     assert "speedup_prefill" in fresh["wall"] and "speedup_e2e" not in rows[0]["wall"]
     stored = next(r for r in rows if r["length"] == 150 and r["arm"] == "gmsa-stored-r4")
     assert "load" in stored["wall"]["phases_s"] and "encoder" not in stored["wall"]["phases_s"]
@@ -78,7 +87,7 @@ def test_rows_cover_every_length_and_arm(checkpoint, passages, tmp_path):
 def test_compressed_prompts_are_shorter_and_hold_less_kv_cache(checkpoint, passages, tmp_path):
     rows = run_bench(settings(checkpoint, passages, tmp_path, repeats=1), log=lambda line: None)["rows"]
     at_150 = {r["arm"]: r for r in rows if r["length"] == 150}
-    question = at_150["uncompressed"]["prompt_tokens"] - 150
+    question = at_150["uncompressed-float32"]["prompt_tokens"] - 150
     assert at_150["gmsa-fresh-r4"]["prompt_tokens"] == 38 + question
     assert at_150["gmsa-stored-r8"]["prompt_tokens"] == 19 + question
     expected = (38 + question) / (150 + question)
@@ -158,3 +167,24 @@ def test_from_json_rewrites_the_markdown_summary(checkpoint, passages, tmp_path,
     assert main(["bench", "--from-json", str(out), "--no-plot"]) == 0
     assert "gmsa-stored-r4" in summary.read_text() and "gmsa bench:" in capsys.readouterr().out
     assert main(["bench", "--from-json", str(tmp_path / "missing.json")]) == 2
+
+
+def test_each_arm_at_its_dtype_against_the_fastest_uncompressed_prompt(checkpoint, passages, tmp_path):
+    options = settings(
+        checkpoint, passages, tmp_path, lengths=[40], rates=[4], repeats=1, dtype="bfloat16", int8_steps=True
+    )
+    options.baseline_dtypes = ["float32", "bfloat16"]
+    results = run_bench(options, log=lambda line: None)
+    rows = {row["arm"]: row for row in results["rows"]}
+    assert list(rows) == ["uncompressed-float32", "uncompressed-bfloat16", "gmsa-fresh-r4", "gmsa-stored-r4"]
+    env = results["environment"]
+    assert env["dtype"] == "bfloat16" and env["baseline_dtypes"] == ["float32", "bfloat16"]
+    assert env["cpu_model"] and isinstance(env["cpu_native_bf16"], bool) and env["int8_step_layers"] > 0
+    for clock in ("wall", "cpu"):
+        against = rows["gmsa-fresh-r4"][clock]["speedup_e2e"]["against"]
+        assert against.startswith("uncompressed-") and "speedup_e2e" not in rows[against][clock]
+    for arm in ("uncompressed-bfloat16", "gmsa-fresh-r4", "gmsa-stored-r4"):
+        check = rows[arm]["fp32_agreement"]
+        assert check["tokens"] == 3 and 0 <= check["same_prefix_tokens"] <= 3
+        assert check["identical"] == (check["same_prefix_tokens"] == 3)
+    assert "fp32" in (tmp_path / "out" / "bench.md").read_text()

@@ -32,7 +32,7 @@ def model(backbone_dir) -> GMSA:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = GMSAConfig(k_enc=2, k_lsa=1, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_context_tokens=64)
-    yield GMSA.from_backbone(backbone_dir, config)
+    yield GMSA.from_backbone(backbone_dir, config, dtype="float32")  # the same on every CPU
     torch.set_num_threads(threads)
 
 
