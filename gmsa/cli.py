@@ -238,7 +238,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     """``--dtype {auto,float32,bfloat16}``: the inference dtype (auto: bf16 where measured faster)."""
-    from .precision import DTYPE_CHOICES
+    from .config import DTYPE_CHOICES
 
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto", help="inference dtype (auto: bf16 where this CPU is faster)"

@@ -11,6 +11,7 @@ AE_PROMPT = "Restate the aforementioned Text."
 COPY_INSTRUCTION = "Repeat the text above exactly, word for word."
 SOFT_MARK = "\u2063SOFT\u2063"  # stands where the soft tokens go when a chat template is rendered
 CONFIG_NAME = "gmsa_config.json"
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # compute dtypes (gmsa.precision); here so the CLI needs no torch
 
 
 @dataclass

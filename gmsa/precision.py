@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import DTYPE_CHOICES
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 BF16_MIN_SPEEDUP = 1.2  # below this, bf16's rounding is not worth it
 
 log = logging.getLogger(__name__)
