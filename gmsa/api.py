@@ -25,7 +25,7 @@ from .chunking import check_window, length_sorted_batches, plan_windows, soft_to
 from .compressed import Compressed
 from .config import GMSAConfig
 from .data import pad
-from .decoding import greedy_texts
+from .decoding import drain, greedy_texts
 from .distributed import shard_like
 from .merge import group_merge
 from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
@@ -256,12 +256,7 @@ class GMSA:
         concatenated in order: ``sum_w ceil(new_w / rate)`` of them, which is ``ceil(n / rate)``
         when ``window - overlap`` is a multiple of the rate. ``progress``: a bar over the batches (several, on a tty).
         """
-        steps = self.compress_steps(texts, rate, batch_size, window, overlap, progress)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return drain(self.compress_steps(texts, rate, batch_size, window, overlap, progress))
 
     @torch.inference_mode()
     def compress_steps(

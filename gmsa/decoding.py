@@ -152,6 +152,11 @@ def greedy_generate(
         repeat_ngram,
         streamer,
     )
+    return drain(steps)
+
+
+def drain(steps: Generator):
+    """Run a step-wise generator (``greedy_steps``, ``GMSA.compress_steps``) to its end; return its value."""
     while True:
         try:
             next(steps)
