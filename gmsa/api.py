@@ -352,18 +352,18 @@ class GMSA:
         return Compressed(embeddings, [1] * len(texts), lengths, self.config.backbone_fingerprint, self.checkpoint_id)
 
     # ----------------------------------------------------------------- decode
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids_for(self, prompt: str) -> list[int]:
         if prompt not in self._prompt_cache:
             self._prompt_cache[prompt] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return self._prompt_cache[prompt]
 
-    def _decoder_prompt(self, compressed: Compressed, prompts: list[str]) -> Packed:
+    def decoder_prompt(self, compressed: Compressed, prompts: list[str]) -> Packed:
         """``[soft tokens; prompt tokens]`` per sample, left-padded: ``(B, T, H)`` embeds + ``(B, T)`` mask."""
         compressed.check_compatible(self.config.backbone_fingerprint, self.checkpoint_id)
         self.hold_inference_dtype()
         soft, soft_mask = compressed.padded(self.device)
         soft = soft.to(self.model.decoder.dtype)  # stored soft tokens may come from a run in another dtype
-        prompt_ids, prompt_mask = pad([self._prompt_ids(p) for p in prompts], self.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = pad([self.prompt_ids_for(p) for p in prompts], self.tokenizer.pad_token_id)
         packed = self.model.decoder_inputs(
             soft, soft_mask, [(prompt_ids.to(self.device), prompt_mask.to(self.device))], left_pad=True
         )
@@ -381,7 +381,7 @@ class GMSA:
         return self._prompt_rows(self._paired(compressed, questions), questions)
 
     def _prompt_rows(self, compressed: Compressed, prompts: list[str]) -> list[torch.Tensor]:
-        packed = self._decoder_prompt(compressed, prompts)
+        packed = self.decoder_prompt(compressed, prompts)
         return [row[mask.bool()] for row, mask in zip(packed.inputs_embeds, packed.attention_mask)]
 
     @torch.inference_mode()
@@ -398,7 +398,7 @@ class GMSA:
         if self.engine is not None:
             rows = self._prompt_rows(compressed, prompts)
             return self.engine.generate(rows, max_new_tokens, repetition_penalty, min_new_tokens)
-        packed = self._decoder_prompt(compressed, prompts)
+        packed = self.decoder_prompt(compressed, prompts)
         return greedy_texts(
             self.model.decoder,
             self.tokenizer,

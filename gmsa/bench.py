@@ -308,7 +308,7 @@ def run_arm(subjects: Subjects, arm: Arm, text: str, n_new: int, batch_size: int
         )
 
     def build(compressed: Compressed) -> tuple:
-        packed = gmsa._decoder_prompt(compressed, [QUESTION])
+        packed = gmsa.decoder_prompt(compressed, [QUESTION])
         return gmsa.model.decoder, packed.inputs_embeds, packed.attention_mask
 
     if arm.mode == "stored":
@@ -322,7 +322,7 @@ def run_arm(subjects: Subjects, arm: Arm, text: str, n_new: int, batch_size: int
 
 def prompt_ids(gmsa, text: str) -> torch.Tensor:
     """``(1, T)`` token ids of ``[context; question]``, as the uncompressed prompt reads them."""
-    return torch.tensor([gmsa.tokenize_contexts([text])[0] + gmsa._prompt_ids(QUESTION)])
+    return torch.tensor([gmsa.tokenize_contexts([text])[0] + gmsa.prompt_ids_for(QUESTION)])
 
 
 def plain_prompt(decoder: torch.nn.Module, ids: torch.Tensor) -> tuple:
@@ -524,7 +524,7 @@ def run_length(
 ) -> list[dict]:
     """All arms at one context length, repeats interleaved in alternating order."""
     gmsa = subjects.gmsa
-    question_tokens = len(gmsa._prompt_ids(QUESTION))
+    question_tokens = len(gmsa.prompt_ids_for(QUESTION))
     all_arms = arms_for(settings.rates, list(subjects.baselines))
     arms, skipped = [], {}
     for arm in all_arms:
@@ -589,7 +589,7 @@ def add_agreement(
 
 
 def fp32_answer(reference, text: str, rate: int, n_new: int) -> list[int]:
-    packed = reference._decoder_prompt(reference.compress(text, rate=rate), [QUESTION])
+    packed = reference.decoder_prompt(reference.compress(text, rate=rate), [QUESTION])
     tokens, _ = greedy_generate(
         reference.model.decoder, packed.inputs_embeds, packed.attention_mask, n_new, REPETITION_PENALTY
     )

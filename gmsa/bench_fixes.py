@@ -29,7 +29,7 @@ def fix_variants(gmsa, text: str, settings: BenchSettings) -> dict[str, Callable
     """The old and new code for decoding and for the encoder, on the same inputs."""
     ids = torch.tensor([gmsa.tokenize_contexts([text])[0]], device=gmsa.device)
     mask = torch.ones_like(ids)
-    packed = gmsa._decoder_prompt(embedded_context(gmsa, text), [QUESTION])
+    packed = gmsa.decoder_prompt(embedded_context(gmsa, text), [QUESTION])
     decoder, n_new = gmsa.model.decoder, settings.new_tokens
 
     def transformers_generate() -> None:  # the decoding used before: generate() with its growing cache
