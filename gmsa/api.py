@@ -26,6 +26,7 @@ from .compressed import Compressed
 from .config import GMSAConfig
 from .data import pad
 from .decoding import drain, greedy_texts
+from .fast_decode import FastDecoder
 from .distributed import shard_like
 from .merge import group_merge
 from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
@@ -98,6 +99,7 @@ class GMSA:
         self._prompt_cache: dict[str, list[int]] = {}
         self._merged_encoder: tuple[tuple, nn.Module] | None = None
         self.engine: Engine | None = None  # None: decode with self.model.decoder in this process
+        self.fast_decoder = FastDecoder()  # in-process decoding: LoRA merged, int8 steps where they pay
 
     @property
     def config(self) -> GMSAConfig:
@@ -400,7 +402,7 @@ class GMSA:
             return self.engine.generate(rows, max_new_tokens, repetition_penalty, min_new_tokens)
         packed = self.decoder_prompt(compressed, prompts)
         return greedy_texts(
-            self.model.decoder,
+            self.fast_decoder.of(self.model.decoder),
             self.tokenizer,
             packed.inputs_embeds,
             packed.attention_mask,

@@ -1,28 +1,51 @@
-"""Faster decoding steps on CPU: int8 weights for the one-token steps after the prefill.
+"""Faster decoding on CPU: the decoder's LoRA merged into its weights, int8 weights for the steps.
 
 A decoding step reads every weight of the decoder to produce one token; on a CPU it is bound by
 memory traffic and per-call overhead, not arithmetic (the output projection over the vocabulary
-alone is a fifth of SmolLM2-135M's weights). :class:`Int8StepLinear` keeps a linear layer's weight
-(used, unchanged, for the prefill and anything wider than ``max_rows`` rows) and adds an int8 copy
-with one scale per output channel, used for the narrow inputs of the decoding steps through ATen's
-weight-only int8 kernel (``aten._weight_int8pack_mm``; bf16 weights and activations only). Prefill outputs are
-therefore bit-identical to the plain model; step outputs differ by the int8 rounding of the weights.
-The int8 copy is refreshed when the weight changes in place (e.g. a training step).
+alone is a fifth of SmolLM2-135M's weights). Two things cut it:
+
+* :func:`merged_copy`: a trained GMSA decoder carries LoRA adapters on every projection (the AE
+  adapter and the KEFT one), each adding two small matmuls, a scale and an add per projection
+  and step. The copy has them merged into plain linear layers (in fp32, rounded once); every
+  tensor that merging does not change is shared with the original, not copied.
+* :class:`Int8StepLinear`: a linear layer keeps its weight (used, unchanged, for the prefill and
+  anything wider than ``max_rows`` rows) and adds an int8 copy with one scale per output channel,
+  used for the narrow inputs of the decoding steps (bf16 only) through ATen's weight-only int8
+  kernel. Prefill outputs are bit-identical; step outputs differ by the int8 rounding of the weights.
+
+:class:`FastDecoder` builds and caches the copy GMSA decodes with; ``int8="auto"`` adopts the int8
+steps where a start-up measurement finds them faster (:func:`measure_int8_step_speedup`).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 STEP_ROWS = 8  # inputs with at most this many rows (batch x new tokens) take the int8 path
+INT8_MIN_SPEEDUP = 1.2  # below this, the int8 rounding of the decoding steps is not worth it
+INT8_SETTINGS = ("auto", "on", "off")
 
 
 def int8_kernel_available() -> bool:
     """Whether this torch has the weight-only int8 matmul kernel."""
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x (rows, in) @ dequantised(qweight (out, in)).T`` with per-output-channel ``scale``, weights read as int8.
+
+    ATen has no public weight-only int8 matmul (torchao, not installed here, wraps this same op).
+    """
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scale)  # noqa: SLF001 (no public wrapper, see above)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +56,11 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8StepLinear(nn.Module):
-    """An ``nn.Linear`` whose narrow inputs (decoding steps) use an int8 copy of its weight."""
+    """An ``nn.Linear`` whose narrow inputs (decoding steps) use an int8 copy of its weight.
+
+    The int8 copy is a snapshot of the weight taken at construction; after changing the weight
+    in place, call :meth:`refresh` (:class:`FastDecoder` rebuilds its copies by itself).
+    """
 
     def __init__(self, linear: nn.Linear, max_rows: int = STEP_ROWS):
         super().__init__()
@@ -41,25 +68,20 @@ class Int8StepLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias  # shared (a tied output embedding stays tied)
         self.register_buffer("qweight", torch.empty(0, dtype=torch.int8), persistent=False)
         self.register_buffer("qscale", torch.empty(0), persistent=False)
-        self._seen: tuple | None = None
-        self._refresh()
+        self.refresh()
 
-    def _refresh(self) -> None:
-        version = -1 if self.weight.is_inference() else self.weight._version  # inference tensors have none
-        key = (self.weight.data_ptr(), version, self.weight.dtype, self.weight.device)
-        if key != self._seen:
-            qweight, scale = quantize_rows(self.weight)
-            self.qweight, self.qscale = qweight.to(self.weight.device), scale.to(self.weight.device, self.weight.dtype)
-            self._seen = key
+    def refresh(self) -> None:
+        """Quantise the current weight again."""
+        qweight, scale = quantize_rows(self.weight)
+        self.qweight, self.qscale = qweight.to(self.weight.device), scale.to(self.weight.device, self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         narrow = rows <= self.max_rows and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
         if not narrow or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        self._refresh()
         flat = x.reshape(rows, self.in_features).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.qscale).reshape(*x.shape[:-1], -1)
+        out = int8_matmul(flat, self.qweight, self.qscale).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -98,3 +120,137 @@ def plain_linears(decoder: nn.Module) -> int:
         linear.weight, linear.bias = step.weight, step.bias
         setattr(owner, child, linear)
     return len(names)
+
+
+# ----------------------------------------------------------------- the decoder GMSA decodes with
+def merged_linear(layer: LoraLayer) -> nn.Module:
+    """The plain layer that computes what ``layer`` computes now: its active adapters merged into
+    a new weight (in fp32, rounded once), or its base layer itself (shared) when none is active."""
+    base = layer.get_base_layer()
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if layer.disable_adapters or layer.merged or not active:
+        return base
+    own = copy.deepcopy(layer).float()
+    own.merge(adapter_names=active)
+    return own.get_base_layer().to(base.weight.dtype)
+
+
+def merged_copy(decoder: nn.Module) -> nn.Module:
+    """A copy of ``decoder`` with every LoRA layer replaced by :func:`merged_linear`.
+
+    Parameters and buffers outside LoRA layers (embeddings, norms, plain layers) are shared with
+    ``decoder``, not copied; hooks registered on ``decoder`` are not carried over.
+    """
+    memo: dict[int, object] = {id(t): t for t in (*decoder.parameters(), *decoder.buffers())}
+    memo |= {id(m): merged_linear(m) for m in decoder.modules() if isinstance(m, LoraLayer)}
+    memo |= {
+        id(value): type(value)()
+        for module in decoder.modules()
+        for name, value in vars(module).items()
+        if "hooks" in name and isinstance(value, dict)
+    }
+    return copy.deepcopy(decoder, memo).eval()
+
+
+def same_tensors(these: list[torch.Tensor], those: list[torch.Tensor]) -> bool:
+    """Whether two lists hold equal tensors (shape, dtype, device and values), in order."""
+    return len(these) == len(those) and all(
+        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+        for a, b in zip(these, those)
+    )
+
+
+@dataclass(frozen=True)
+class Int8Choice:
+    """Whether the decoding steps run on int8 weights, and why."""
+
+    on: bool
+    reason: str
+
+
+@functools.cache
+def measure_int8_step_speedup(shape: tuple[int, int] = (8192, 576), repeats: int = 5) -> float:
+    """bf16 time / int8 time of one decoding-step matmul (one row times an ``(out, in)`` weight), cached.
+
+    The weight (an output head's shape, larger than a core's cache) is read from memory as in a real step.
+    """
+    own = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+    weight = torch.randn(*shape, generator=own).to(torch.bfloat16)
+    x = torch.randn(1, shape[1], generator=own).to(torch.bfloat16)
+    qweight, scale = quantize_rows(weight)
+    scale = scale.to(torch.bfloat16)
+    return _best_seconds(lambda: F.linear(x, weight), repeats) / max(
+        _best_seconds(lambda: int8_matmul(x, qweight, scale), repeats), 1e-9
+    )
+
+
+def _best_seconds(run, repeats: int) -> float:
+    run()  # warm-up: kernel selection and packing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def resolve_int8(setting: str | bool, dtype: torch.dtype, device: torch.device) -> Int8Choice:
+    """Whether a decoder in ``dtype`` on ``device`` takes int8 decoding steps: ``"on"``/``True``,
+    ``"off"``/``False``, or ``"auto"`` (bf16 on a CPU, where one measured step matmul is faster)."""
+    setting = {True: "on", False: "off"}.get(setting, setting)
+    if setting not in INT8_SETTINGS:
+        raise ValueError(f"int8 steps must be one of {INT8_SETTINGS} (or a bool), got {setting!r}")
+    if setting == "off":
+        return Int8Choice(False, "switched off")
+    possible = dtype == torch.bfloat16 and torch.device(device).type == "cpu" and int8_kernel_available()
+    if not possible:
+        why = f"int8 steps need a bf16 decoder on a CPU and torch's int8 kernel (have {dtype} on {device})"
+        if setting == "on":
+            raise ValueError(why)
+        return Int8Choice(False, why)
+    if setting == "on":
+        return Int8Choice(True, "requested")
+    speedup = measure_int8_step_speedup()
+    if speedup >= INT8_MIN_SPEEDUP:
+        return Int8Choice(True, f"int8 step matmul {speedup:.2f}x faster than bf16")
+    return Int8Choice(False, f"int8 step matmul at {speedup:.2f}x the speed of bf16")
+
+
+class FastDecoder:
+    """The decoder GMSA decodes with: :func:`merged_copy` of the model's decoder (with int8 steps
+    where :func:`resolve_int8` says so), cached per set of active adapters and rebuilt whenever a
+    LoRA tensor changes (loaded weights, a move to another device or dtype).
+
+    A decoder that is being trained (in training mode, or with a parameter that requires grad)
+    is returned as it is. Base weights changed in place under an unchanged LoRA are not detected.
+    A plain object, not a module: the copies are no part of the model's parameters or state.
+    """
+
+    def __init__(self, int8: str | bool = "auto", keep: int = 2):
+        self.int8, self.keep = int8, keep
+        self.int8_choice: Int8Choice | None = None
+        self._built: dict[tuple, tuple[list[torch.Tensor], nn.Module]] = {}
+
+    def of(self, decoder: nn.Module) -> nn.Module:
+        """The module to decode with in place of ``decoder`` (same inputs, same outputs up to rounding)."""
+        if decoder.training or any(p.requires_grad for p in decoder.parameters()):
+            return decoder
+        weight = next(decoder.parameters())
+        self.int8_choice = resolve_int8(self.int8, weight.dtype, weight.device)
+        adapters = tuple(
+            (tuple(m.active_adapters), m.disable_adapters) for m in decoder.modules() if isinstance(m, LoraLayer)
+        )
+        if not adapters and not self.int8_choice.on:
+            return decoder
+        lora = [p.detach() for name, p in decoder.named_parameters() if "lora_" in name]
+        key = (id(decoder), weight.dtype, weight.device, adapters, self.int8_choice.on)
+        built = self._built.get(key)
+        if built is None or not same_tensors(lora, built[0]):
+            self._built.pop(key, None)
+            while len(self._built) >= self.keep:
+                self._built.pop(next(iter(self._built)))
+            fast = merged_copy(decoder)
+            if self.int8_choice.on:
+                int8_steps(fast)
+            self._built[key] = ([p.clone() for p in lora], fast)
+        return self._built[key][1]

@@ -1,14 +1,28 @@
-"""Int8 decoding steps: prefill untouched, steps within int8 rounding, tied heads stay tied, undo works."""
+"""Faster decoding: int8 steps (prefill untouched, steps within int8 rounding, tied heads stay tied, undo
+works), the LoRA-merged decoder copy (same outputs, shared weights, rebuilt when a LoRA changes) and the
+measured int8 decision."""
 
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from gmsa import fast_decode
 from gmsa.decoding import greedy_generate
-from gmsa.fast_decode import Int8StepLinear, int8_kernel_available, int8_steps, plain_linears, quantize_rows
+from gmsa.fast_decode import (
+    INT8_MIN_SPEEDUP,
+    FastDecoder,
+    Int8StepLinear,
+    int8_kernel_available,
+    int8_steps,
+    merged_copy,
+    plain_linears,
+    quantize_rows,
+    resolve_int8,
+)
+from gmsa.model import autoencoder_decoder
 
-pytestmark = pytest.mark.skipif(not int8_kernel_available(), reason="torch lacks _weight_int8pack_mm")
+needs_int8 = pytest.mark.skipif(not int8_kernel_available(), reason="torch lacks _weight_int8pack_mm")
 
 
 def test_quantized_rows_reconstruct_the_weight():
@@ -18,6 +32,7 @@ def test_quantized_rows_reconstruct_the_weight():
     assert (qweight.float() * scale[:, None] - weight).abs().max() <= scale.max() / 2 + 1e-6
 
 
+@needs_int8
 @torch.inference_mode()
 def test_narrow_inputs_take_int8_and_wide_ones_the_plain_weight():
     torch.manual_seed(0)
@@ -31,7 +46,8 @@ def test_narrow_inputs_take_int8_and_wide_ones_the_plain_weight():
     assert (out - exact).norm() / exact.norm() < 0.03
 
 
-def test_an_in_place_weight_change_refreshes_the_int8_copy():
+@needs_int8
+def test_the_int8_copy_is_a_snapshot_until_refreshed():
     linear = nn.Linear(16, 16, bias=False).to(torch.bfloat16)
     step = Int8StepLinear(linear)
     x = torch.randn(1, 16, dtype=torch.bfloat16)
@@ -40,9 +56,13 @@ def test_an_in_place_weight_change_refreshes_the_int8_copy():
     with torch.no_grad():
         linear.weight.mul_(2)
     with torch.inference_mode():
+        assert torch.equal(step(x), before)
+    step.refresh()
+    with torch.inference_mode():
         assert torch.allclose(step(x).float(), 2 * before.float(), rtol=0.05, atol=0.05)
 
 
+@needs_int8
 def test_decoder_layers_are_converted_and_restored(backbone_dir):
     decoder = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.bfloat16).eval()
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])  # wider than STEP_ROWS: the plain path
@@ -61,3 +81,80 @@ def test_decoder_layers_are_converted_and_restored(backbone_dir):
         assert torch.equal(decoder(inputs_embeds=embeds).logits, first)
     again, _ = greedy_generate(decoder, embeds, torch.ones_like(ids), 6)
     assert torch.equal(again, plain)
+
+
+def lora_gmsa(make_gmsa, backbone_dir):
+    """A tiny fp32 GMSA whose decoder carries an AE and a KEFT LoRA with non-zero weights."""
+    gmsa = make_gmsa(backbone_dir, decoder_tuning="lora", decoder_lora_r=4, ae_decoder_lora_r=4)
+    with torch.no_grad():
+        for name, param in gmsa.model.decoder.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    return gmsa
+
+
+def logits_of(decoder, ids):
+    with torch.inference_mode():
+        return decoder(input_ids=ids).logits
+
+
+IDS = torch.tensor([[3, 4, 5, 6, 7, 8]])
+
+
+def test_merged_copy_computes_what_the_adapters_compute_and_shares_the_rest(make_gmsa, backbone_dir):
+    gmsa = lora_gmsa(make_gmsa, backbone_dir)
+    decoder = gmsa.model.decoder
+    merged = merged_copy(decoder)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert torch.allclose(logits_of(merged, IDS), logits_of(decoder, IDS), atol=1e-5)
+    assert merged.get_input_embeddings().weight is decoder.get_input_embeddings().weight  # shared, not copied
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight  # still tied
+    with autoencoder_decoder(gmsa.model):  # the KEFT adapter off: a copy of what runs then differs
+        ae_only = merged_copy(decoder)
+        assert torch.allclose(logits_of(ae_only, IDS), logits_of(decoder, IDS), atol=1e-5)
+    assert not torch.allclose(logits_of(ae_only, IDS), logits_of(merged, IDS), atol=1e-3)
+
+
+def test_fast_decoder_is_cached_and_rebuilt_when_a_lora_changes(make_gmsa, backbone_dir):
+    gmsa = lora_gmsa(make_gmsa, backbone_dir)
+    decoder, fast = gmsa.model.decoder, FastDecoder(int8="off")
+    first = fast.of(decoder)
+    assert first is not decoder and fast.of(decoder) is first
+    with torch.no_grad():
+        next(p for name, p in decoder.named_parameters() if "lora_B" in name).add_(1.0)
+    rebuilt = fast.of(decoder)
+    assert rebuilt is not first
+    assert torch.allclose(logits_of(rebuilt, IDS), logits_of(decoder, IDS), atol=1e-5)
+    with autoencoder_decoder(gmsa.model):
+        assert fast.of(decoder) is not rebuilt
+    assert fast.of(decoder) is rebuilt  # both adapter sets are kept
+    decoder.train()
+    assert fast.of(decoder) is decoder  # a decoder in training is decoded as it is
+    decoder.eval()
+    next(decoder.parameters()).requires_grad_(True)
+    assert fast.of(decoder) is decoder
+
+
+def test_generate_answers_as_the_unmerged_decoder_does(make_gmsa, backbone_dir):
+    gmsa = lora_gmsa(make_gmsa, backbone_dir)
+    context = gmsa.compress("Paris is the capital of France and its largest city.", rate=2)
+    fast = gmsa.generate(context, ["Paris is"], max_new_tokens=6)
+    gmsa.fast_decoder.of = lambda decoder: decoder  # the plain path
+    assert fast == gmsa.generate(context, ["Paris is"], max_new_tokens=6)
+
+
+@pytest.mark.parametrize("speedup,expected", [(INT8_MIN_SPEEDUP + 1, True), (0.5, False)])
+def test_auto_int8_steps_follow_the_measurement(monkeypatch, speedup, expected):
+    monkeypatch.setattr(fast_decode, "int8_kernel_available", lambda: True)
+    monkeypatch.setattr(fast_decode, "measure_int8_step_speedup", lambda: speedup)
+    choice = resolve_int8("auto", torch.bfloat16, torch.device("cpu"))
+    assert choice.on is expected and f"{speedup:.2f}x" in choice.reason
+
+
+def test_int8_steps_need_a_bf16_decoder_on_a_cpu():
+    assert not resolve_int8("auto", torch.float32, torch.device("cpu")).on
+    assert not resolve_int8("off", torch.bfloat16, torch.device("cpu")).on
+    with pytest.raises(ValueError, match="bf16 decoder on a CPU"):
+        resolve_int8("on", torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="int8 steps must be one of"):
+        resolve_int8("fast", torch.bfloat16, torch.device("cpu"))
