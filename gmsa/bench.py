@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,7 +182,7 @@ class PhaseClock:
 
     def __enter__(self) -> PhaseClock:
         model = self.gmsa.model if hasattr(self.gmsa, "inference_encoder") else None
-        decoder = model.decoder if model is not None else self.gmsa
+        decoder = self.gmsa.fast_decoder.of(model.decoder) if model is not None else self.gmsa
         self._handles = [
             decoder.register_forward_pre_hook(self._stamp("decoder_start")),
             decoder.register_forward_hook(self._decoder_end, with_kwargs=True),
@@ -227,12 +228,38 @@ class Measurement:
     tokens: list[int] = field(default_factory=list)  # the greedy answer
 
 
+def gmsa_loop(decoder, embeds: torch.Tensor, mask: torch.Tensor, n_new: int) -> torch.Tensor:
+    """``n_new`` greedy tokens through gmsa's decoding loop (EOS ignored)."""
+    return greedy_generate(decoder, embeds, mask, n_new, REPETITION_PENALTY, None)[0]
+
+
+def hf_generate(decoder, embeds: torch.Tensor, mask: torch.Tensor, n_new: int) -> torch.Tensor:
+    """``n_new`` greedy tokens through plain ``transformers`` ``generate`` (EOS suppressed until the end)."""
+    with warnings.catch_warnings():  # the penalty applies to new tokens only: as in gmsa's loop, on purpose
+        warnings.filterwarnings("ignore", "Passing `repetition_penalty` with `inputs_embeds`")
+        return decoder.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            repetition_penalty=REPETITION_PENALTY,
+            pad_token_id=decoder.config.eos_token_id,
+        )
+
+
 def measure(
-    subject, prepare: Callable[[], object], build: Callable[[object], tuple], first_phase: str, n_new: int
+    subject,
+    prepare: Callable[[], object],
+    build: Callable[[object], tuple],
+    first_phase: str,
+    n_new: int,
+    generate: Callable = gmsa_loop,
 ) -> Measurement:
     """Time ``prepare`` (tokenise, compress or load) + ``build`` (the prompt) + prefill + decoding.
 
-    ``subject`` is a GMSA or a plain decoder; ``build`` returns ``(decoder, embeds, mask)``.
+    ``subject`` is a GMSA or a plain decoder; ``build`` returns ``(decoder, embeds, mask)``;
+    ``generate`` (:func:`gmsa_loop` or :func:`hf_generate`) decodes.
     """
     device = next(subject.parameters()).device if isinstance(subject, torch.nn.Module) else subject.device
     load_average = os.getloadavg()[0]
@@ -242,7 +269,7 @@ def measure(
         prepared = stamp(device)
         decoder, embeds, mask = build(compressed)
         built = stamp(device)
-        tokens, _ = greedy_generate(decoder, embeds, mask, n_new, REPETITION_PENALTY, None)
+        tokens = generate(decoder, embeds, mask, n_new)
         end = stamp(device)
     decoder_start, prefill_end = clock.first("decoder_start"), clock.first("decoder_end")
     phases = {}
@@ -280,11 +307,13 @@ class Arm:
     rate: int = 1
     mode: str = "-"  # "fresh" or "stored" for gmsa
     dtype: str = ""  # the uncompressed prompt runs in plain transformers, once per dtype
+    loop: str = "hf"  # uncompressed: plain transformers generate ("hf") or gmsa's decoding ("gmsa")
 
     @property
     def name(self) -> str:
         if self.method == "uncompressed":
-            return f"uncompressed-{self.dtype}" if self.dtype else "uncompressed"
+            through = "-gmsa-loop" if self.loop == "gmsa" else ""
+            return f"uncompressed{through}-{self.dtype}" if self.dtype else f"uncompressed{through}"
         return f"gmsa-{self.mode}-r{self.rate}"
 
 
@@ -296,6 +325,7 @@ class Subjects:
     baselines: dict[str, torch.nn.Module]  # dtype name -> the backbone in plain transformers
     reference: object | None = None  # an fp32 GMSA whose greedy answers the timed ones are compared with
     notes: dict = field(default_factory=dict)
+    loop_dtype: str = ""  # also time the uncompressed prompt through gmsa's decoding, in this dtype
 
 
 def run_arm(subjects: Subjects, arm: Arm, text: str, n_new: int, batch_size: int, stored: Path) -> Measurement:
@@ -303,13 +333,16 @@ def run_arm(subjects: Subjects, arm: Arm, text: str, n_new: int, batch_size: int
     gmsa = subjects.gmsa
     if arm.method == "uncompressed":
         decoder = subjects.baselines[arm.dtype]
+        if arm.loop == "gmsa":  # the speed-ups of gmsa's decoding that do not need compression
+            decoder = gmsa.fast_decoder.of(decoder)
+        generate = gmsa_loop if arm.loop == "gmsa" else hf_generate
         return measure(
-            decoder, lambda: prompt_ids(gmsa, text), lambda ids: plain_prompt(decoder, ids), "tokenize", n_new
+            decoder, lambda: prompt_ids(gmsa, text), lambda ids: plain_prompt(decoder, ids), "tokenize", n_new, generate
         )
 
     def build(compressed: Compressed) -> tuple:
         packed = gmsa.decoder_prompt(compressed, [QUESTION])
-        return gmsa.model.decoder, packed.inputs_embeds, packed.attention_mask
+        return gmsa.fast_decoder.of(gmsa.model.decoder), packed.inputs_embeds, packed.attention_mask
 
     if arm.mode == "stored":
         return measure(gmsa, lambda: Compressed.load(stored), build, "load", n_new)
@@ -410,7 +443,7 @@ class BenchSettings:
     device: str = "cpu"
     dtype: str = "auto"  # GMSA's inference dtype; the uncompressed prompt is timed in each candidate dtype
     baseline_dtypes: list[str] | None = None  # None: float32, and bfloat16 too where auto would pick it
-    int8_steps: bool = False  # GMSA's decoding steps with int8 weights (gmsa.fast_decode)
+    int8_steps: str | bool = "auto"  # int8 decoding steps (gmsa.fast_decode): auto, on or off
     check_fp32: bool = True  # compare the greedy answers with an fp32 GMSA's (untimed)
     threads: int | None = None
     batch_size: int = 8
@@ -478,17 +511,19 @@ def load_model(settings: BenchSettings, dtype: str | torch.dtype | None = None):
 def load_subjects(settings: BenchSettings, log: Callable) -> tuple[Subjects, str]:
     """The GMSA at its inference dtype, the plain decoders of the uncompressed prompt, the fp32 reference."""
     from .backbone import load_backbone
-    from .fast_decode import int8_kernel_available, int8_steps
+    from .fast_decode import Int8StepLinear
     from .precision import resolve_dtype
 
     gmsa, described = load_model(settings)
     choice = gmsa.dtype_choice
     log(f"GMSA inference dtype {str(gmsa.inference_dtype).removeprefix('torch.')}: {choice.reason if choice else ''}")
     notes = {"gmsa_dtype_reason": choice.reason if choice else "", "bf16_matmul_speedup": None}
-    if settings.int8_steps:
-        if not int8_kernel_available() or gmsa.inference_dtype != torch.bfloat16:
-            raise ValueError("--int8-steps needs bf16 inference and torch's _weight_int8pack_mm kernel")
-        notes["int8_step_layers"] = int8_steps(gmsa.model.decoder)
+    gmsa.fast_decoder.int8 = settings.int8_steps
+    fast = gmsa.fast_decoder.of(gmsa.model.decoder)
+    notes["int8_step_layers"] = sum(isinstance(m, Int8StepLinear) for m in fast.modules())
+    notes["int8_steps_reason"] = gmsa.fast_decoder.int8_choice.reason
+    notes["decoder_lora_merged"] = fast is not gmsa.model.decoder
+    log(f"GMSA decoding steps in int8: {bool(notes['int8_step_layers'])} ({notes['int8_steps_reason']})")
     names = settings.baseline_dtypes
     if names is None or names == ["auto"]:
         auto = resolve_dtype("auto", settings.device)
@@ -500,13 +535,18 @@ def load_subjects(settings: BenchSettings, log: Callable) -> tuple[Subjects, str
     baselines = {name: copy.deepcopy(plain).to(settings.device, getattr(torch, name)) for name in names}
     del plain
     reference = None
-    if settings.check_fp32 and gmsa.inference_dtype != torch.float32 or settings.int8_steps:
+    if settings.check_fp32:  # the fp32 path: fp32 weights, LoRA unmerged, plain steps
         reference, _ = load_model(settings, "float32")
-    return Subjects(gmsa, baselines, reference, notes), described
+    loop_dtype = str(gmsa.inference_dtype).removeprefix("torch.")
+    return Subjects(gmsa, baselines, reference, notes, loop_dtype if loop_dtype in baselines else ""), described
 
 
-def arms_for(rates: list[int], baseline_dtypes: list[str] | None = None) -> list[Arm]:
+def arms_for(rates: list[int], baseline_dtypes: list[str] | None = None, gmsa_dtype: str = "") -> list[Arm]:
+    """The uncompressed prompt in plain transformers per dtype (and through gmsa's decoding in GMSA's
+    dtype, ``gmsa_dtype``), then GMSA fresh and stored per rate."""
     arms = [Arm("uncompressed", dtype=name) for name in baseline_dtypes or [""]]
+    if gmsa_dtype:
+        arms.append(Arm("uncompressed", dtype=gmsa_dtype, loop="gmsa"))
     for rate in rates:
         arms += [Arm("gmsa", rate, "fresh"), Arm("gmsa", rate, "stored")]
     return arms
@@ -515,7 +555,7 @@ def arms_for(rates: list[int], baseline_dtypes: list[str] | None = None) -> list
 def warm_up(subjects: Subjects, passages: list[str], settings: BenchSettings, workdir: Path) -> None:
     """One untimed run of every code path on a short text (kernels, allocator, caches)."""
     text, _ = exact_length_text(subjects.gmsa.tokenizer, passages, 64)
-    for arm in arms_for(settings.rates[:1], list(subjects.baselines)):
+    for arm in arms_for(settings.rates[:1], list(subjects.baselines), subjects.loop_dtype):
         run_arm(subjects, arm, text, 2, settings.batch_size, workdir / "warmup.safetensors")
 
 
@@ -525,7 +565,7 @@ def run_length(
     """All arms at one context length, repeats interleaved in alternating order."""
     gmsa = subjects.gmsa
     question_tokens = len(gmsa.prompt_ids_for(QUESTION))
-    all_arms = arms_for(settings.rates, list(subjects.baselines))
+    all_arms = arms_for(settings.rates, list(subjects.baselines), subjects.loop_dtype)
     arms, skipped = [], {}
     for arm in all_arms:
         reason = skip_reason(gmsa, arm, length, settings, question_tokens)
@@ -572,7 +612,7 @@ def add_agreement(
 ) -> None:
     """Whether each arm's greedy answer equals the fp32 path's: the fp32 uncompressed prompt, or an fp32 GMSA."""
     reference_runs = {arm.rate: None for arm in arms if arm.method == "gmsa"}
-    base32 = next((runs.get(arm) for arm in arms if arm.dtype == "float32"), None)
+    base32 = next((runs.get(arm) for arm in arms if arm.dtype == "float32" and arm.loop == "hf"), None)
     for row, arm in zip(rows, arms):
         if not runs.get(arm):
             continue
@@ -647,7 +687,7 @@ def _per_second(count: float, seconds: float) -> float | None:
 def add_ratios(rows: list[dict], runs: dict[Arm, list[Measurement]], arms: list[Arm]) -> None:
     """Speed-ups against the uncompressed prompt at its fastest dtype (per clock, by median end to end):
     ratio of medians and per-repeat paired ratios. ``against`` names that uncompressed arm."""
-    bases = [arm for arm in arms if arm.method == "uncompressed" and runs.get(arm)]
+    bases = [arm for arm in arms if arm.method == "uncompressed" and arm.loop == "hf" and runs.get(arm)]
     for clock in CLOCKS:
         if not bases:
             return
@@ -817,7 +857,12 @@ def register(subparsers) -> None:
         help="dtypes of the uncompressed prompt (default: float32, and bfloat16 where auto picks it); "
         "speed-ups are against the fastest",
     )
-    p.add_argument("--int8-steps", action="store_true", help="GMSA's decoding steps with int8 weights (bf16 only)")
+    p.add_argument(
+        "--int8-steps",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decoding steps with int8 weights (bf16 on CPU only; auto: where a start-up matmul measures them faster)",
+    )
     p.add_argument("--no-fp32-check", action="store_true", help="skip comparing greedy answers with an fp32 GMSA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=8, help="encoder windows per batch")

@@ -48,11 +48,12 @@ def _machine(env: dict) -> str:
     native = {True: "native bf16", False: "no native bf16"}.get(env.get("cpu_native_bf16"), "bf16 unknown")
     speedup = env.get("bf16_matmul_speedup")
     measured = f", bf16 matmul {speedup:.2f}x fp32" if speedup else ""
-    int8 = ", int8 decoding steps" if env.get("int8_step_layers") else ""
+    int8 = f", int8 decoding steps ({env.get('int8_steps_reason', 'requested')})" if env.get("int8_step_layers") else ""
     return (
         f"CPU {env.get('cpu_model', '?')} ({native}{measured}); GMSA in {env['dtype']}{int8} "
         f"({env.get('gmsa_dtype_reason') or 'requested'}); uncompressed prompt in "
-        f"{' and '.join(env.get('baseline_dtypes', ['?']))} (plain transformers), speed-ups against the fastest"
+        f"{' and '.join(env.get('baseline_dtypes', ['?']))} (plain transformers generate), speed-ups against the "
+        "fastest of these"
     )
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gmsa import bench
+from gmsa import bench, precision
 from gmsa.bench import BenchSettings, run_bench
 from gmsa.cli import main
 
@@ -58,7 +58,11 @@ def settings(checkpoint, passages, tmp_path, **overrides) -> BenchSettings:
 def test_rows_cover_every_length_and_arm(checkpoint, passages, tmp_path):
     results = run_bench(settings(checkpoint, passages, tmp_path), log=lambda line: None)
     rows = results["rows"]
-    arms = ["uncompressed-float32", "gmsa-fresh-r4", "gmsa-stored-r4", "gmsa-fresh-r8", "gmsa-stored-r8"]
+    arms = [
+        "uncompressed-float32",
+        "uncompressed-gmsa-loop-float32",
+        *("gmsa-fresh-r4", "gmsa-stored-r4", "gmsa-fresh-r8", "gmsa-stored-r8"),
+    ]
     assert [(r["length"], r["arm"]) for r in rows] == [(n, arm) for n in (20, 150) for arm in arms]
     assert all(r["status"] == "ok" for r in rows)
     for row in rows:
@@ -108,19 +112,18 @@ def test_encoder_window_option_splits_contexts(checkpoint, passages, tmp_path):
     options = settings(checkpoint, passages, tmp_path, lengths=[40], rates=[4], repeats=1, window=16)
     results = run_bench(options, log=lambda line: None)
     assert results["environment"]["encoder_window"] == 16
-    assert [r["prompt_tokens"] - r["length"] // 4 for r in results["rows"][1:]] == [
-        results["rows"][0]["prompt_tokens"] - 40
-    ] * 2
+    compressed = [r for r in results["rows"] if r["method"] == "gmsa"]
+    assert [r["prompt_tokens"] - r["length"] // 4 for r in compressed] == [results["rows"][0]["prompt_tokens"] - 40] * 2
     with pytest.raises(ValueError, match="--window 100 exceeds the encoder window 64"):
         run_bench(settings(checkpoint, passages, tmp_path, window=100), log=lambda line: None)
 
 
 def test_prompt_beyond_the_trained_window_is_skipped_with_a_reason(checkpoint, passages, tmp_path):
     rows = run_bench(settings(checkpoint, passages, tmp_path, lengths=[600], repeats=1), log=lambda line: None)["rows"]
-    base = rows[0]
-    assert base["status"] == "skipped" and "max_position_embeddings=512" in base["reason"]
-    assert all(r["status"] == "ok" and "speedup_e2e" not in r["wall"] for r in rows[1:])
-    assert not any(r["beyond_trained_window"] for r in rows[1:])
+    bases, compressed = rows[:2], rows[2:]  # plain transformers and gmsa's decoding, then GMSA
+    assert all(r["status"] == "skipped" and "max_position_embeddings=512" in r["reason"] for r in bases)
+    assert all(r["status"] == "ok" and "speedup_e2e" not in r["wall"] for r in compressed)
+    assert not any(r["beyond_trained_window"] for r in compressed)
 
 
 def test_configuration_that_does_not_fit_memory_is_skipped(checkpoint, passages, tmp_path, monkeypatch):
@@ -176,15 +179,34 @@ def test_each_arm_at_its_dtype_against_the_fastest_uncompressed_prompt(checkpoin
     options.baseline_dtypes = ["float32", "bfloat16"]
     results = run_bench(options, log=lambda line: None)
     rows = {row["arm"]: row for row in results["rows"]}
-    assert list(rows) == ["uncompressed-float32", "uncompressed-bfloat16", "gmsa-fresh-r4", "gmsa-stored-r4"]
+    assert list(rows) == [
+        "uncompressed-float32",  # plain transformers generate: the reference is the faster of these two
+        "uncompressed-bfloat16",
+        "uncompressed-gmsa-loop-bfloat16",  # the same prompt through gmsa's decoding (int8 steps)
+        "gmsa-fresh-r4",
+        "gmsa-stored-r4",
+    ]
     env = results["environment"]
     assert env["dtype"] == "bfloat16" and env["baseline_dtypes"] == ["float32", "bfloat16"]
     assert env["cpu_model"] and isinstance(env["cpu_native_bf16"], bool) and env["int8_step_layers"] > 0
     for clock in ("wall", "cpu"):
         against = rows["gmsa-fresh-r4"][clock]["speedup_e2e"]["against"]
-        assert against.startswith("uncompressed-") and "speedup_e2e" not in rows[against][clock]
-    for arm in ("uncompressed-bfloat16", "gmsa-fresh-r4", "gmsa-stored-r4"):
+        assert against in ("uncompressed-float32", "uncompressed-bfloat16")
+        assert "speedup_e2e" not in rows[against][clock]
+        assert rows["uncompressed-gmsa-loop-bfloat16"][clock]["speedup_e2e"]["against"] == against
+    for arm in ("uncompressed-bfloat16", "uncompressed-gmsa-loop-bfloat16", "gmsa-fresh-r4", "gmsa-stored-r4"):
         check = rows[arm]["fp32_agreement"]
         assert check["tokens"] == 3 and 0 <= check["same_prefix_tokens"] <= 3
         assert check["identical"] == (check["same_prefix_tokens"] == 3)
     assert "fp32" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_without_fast_bf16_the_same_command_runs_in_fp32_and_says_why(checkpoint, passages, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "measure_cpu_bf16_speedup", lambda: 0.2)  # a CPU that emulates bf16
+    lines: list[str] = []
+    options = settings(checkpoint, passages, tmp_path, lengths=[40], rates=[4], repeats=1, dtype="auto")
+    options.baseline_dtypes = None
+    env = run_bench(options, log=lines.append)["environment"]
+    assert env["dtype"] == "float32" and env["baseline_dtypes"] == ["float32"]
+    assert "0.20x the speed of fp32" in env["gmsa_dtype_reason"] and env["int8_step_layers"] == 0
+    assert any(line.startswith("uncompressed prompt in float32 only: bf16 matmul at 0.20x") for line in lines)
