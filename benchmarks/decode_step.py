@@ -1,18 +1,22 @@
 """What a decoding step costs on this CPU with the decoder's weights held in different forms.
 
-The decoder reads a prompt of ``--prompt`` positions (the real bench text and question, as GMSA
-at rate 4 leaves them for a 2k-token context: ~522), then decodes ``--new-tokens`` greedy tokens
-(repetition penalty 1.3). Variants, timed interleaved with the order alternating per repeat:
+The decoder reads a prompt of ``--prompt`` context tokens and the bench's question (the real
+bench text: ~522 positions, what GMSA at rate 4 leaves of a 2k-token context), then decodes
+``--new-tokens`` greedy tokens (repetition penalty 1.3). Variants, timed interleaved with the order
+alternating per repeat:
 
-* ``fp32``, ``bf16``: plain weights;
-* ``bf16+int8-steps``: bf16 weights, decoding steps through int8 copies (:mod:`gmsa.fast_decode`);
-* ``int8-dynamic``: ``torch.ao.quantization.quantize_dynamic`` (int8 weights, activations
-  quantized per call; fp32 otherwise; deprecated in torch, measured for comparison).
+* the backbone alone (what the uncompressed prompt runs on): ``fp32``, ``bf16``, and
+  ``bf16 + int8 steps`` (:class:`gmsa.fast_decode.Int8StepLinear`);
+* the shipped GMSA's decoder (an AE and a KEFT LoRA on every projection): ``fp32 LoRA`` and
+  ``bf16 LoRA`` (adapters unmerged, the earlier path), ``bf16 merged`` (LoRA merged into the
+  weights, :func:`gmsa.fast_decode.inference_copy`) and ``bf16 merged + int8 steps`` (what
+  ``GMSA.generate`` decodes with where :func:`gmsa.fast_decode.resolve_int8` adopts int8).
 
 Per variant: the prefill seconds, the median and minimum per-step milliseconds (each step is
-stamped by a forward pre-hook), and whether the greedy tokens equal the fp32 ones.
+stamped by a forward pre-hook; wall clock), and how many leading greedy tokens equal those of the
+fp32 variant of its group.
 
-    python benchmarks/decode_step.py --threads 2 --out reports/bench/decode-step-cpu.json
+    python benchmarks/decode_step.py --threads 1 --out reports/bench/decode-step-cpu.json
 """
 
 from __future__ import annotations
@@ -23,29 +27,38 @@ import json
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from gmsa import GMSA
 from gmsa.backbone import load_backbone
 from gmsa.bench import QUESTION, REPETITION_PENALTY, exact_length_text, read_passages
 from gmsa.decoding import greedy_generate
-from gmsa.fast_decode import int8_steps
+from gmsa.fast_decode import FastDecoder
 from gmsa.precision import cpu_has_native_bf16, cpu_model
 
+GROUPS = {"backbone": "fp32", "GMSA decoder": "fp32 LoRA"}  # group: its reference variant
 
-def variants(decoder: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    bf16 = copy.deepcopy(decoder).to(torch.bfloat16)
-    stepped = copy.deepcopy(bf16)
-    int8_steps(stepped)
-    found = {"fp32": decoder, "bf16": bf16, "bf16+int8-steps": stepped}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
 
-        found["int8-dynamic"] = quantize_dynamic(copy.deepcopy(decoder), {torch.nn.Linear}, dtype=torch.qint8)
-    return found
+def variants() -> tuple[dict[str, tuple[str, torch.nn.Module]], object]:
+    """name -> (group, decoder), and the tokenizer."""
+    plain, tokenizer = load_backbone("default", dtype=torch.float32)
+    bf16 = copy.deepcopy(plain).to(torch.bfloat16)
+    lora32 = GMSA.from_pretrained(dtype="float32")
+    lora16 = GMSA.from_pretrained(dtype="bfloat16")
+    for gmsa in (lora32, lora16):
+        gmsa.hold_inference_dtype()
+    found = {
+        "fp32": ("backbone", plain),
+        "bf16": ("backbone", bf16),
+        "bf16 + int8 steps": ("backbone", FastDecoder(int8="on").of(bf16)),
+        "fp32 LoRA": ("GMSA decoder", lora32.model.decoder),
+        "bf16 LoRA": ("GMSA decoder", lora16.model.decoder),
+        "bf16 merged": ("GMSA decoder", FastDecoder(int8="off").of(lora16.model.decoder)),
+        "bf16 merged + int8 steps": ("GMSA decoder", FastDecoder(int8="on").of(lora16.model.decoder)),
+    }
+    return found, tokenizer
 
 
 def timed_run(decoder, embeds: torch.Tensor, n_new: int) -> tuple[float, list[float], list[int]]:
@@ -61,21 +74,24 @@ def timed_run(decoder, embeds: torch.Tensor, n_new: int) -> tuple[float, list[fl
     return stamps[1] - stamps[0], [b - a for a, b in zip(stamps[1:], stamps[2:] + [end])], tokens[0].tolist()
 
 
+def leading(tokens: list[int], reference: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=512, help="context tokens before the question")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="reports/bench/decode-step-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    decoder, tokenizer = load_backbone("default", dtype=torch.float32)
+    models, tokenizer = variants()
     text, _ = exact_length_text(tokenizer, read_passages(None)[0], args.prompt)
     ids = torch.tensor([tokenizer(text + QUESTION, add_special_tokens=False)["input_ids"]])
-    models = variants(decoder)
-    embeds = {name: decoder.get_input_embeddings()(ids).to(next(m.parameters()).dtype) for name, m in models.items()}
-    for name, model in models.items():  # warm-up
+    embeds = {name: m.get_input_embeddings()(ids) for name, (_, m) in models.items()}
+    for name, (_, model) in models.items():  # warm-up
         timed_run(model, embeds[name][:, :16], 3)
     prefill: dict[str, list[float]] = {name: [] for name in models}
     steps: dict[str, list[float]] = {name: [] for name in models}
@@ -83,30 +99,31 @@ def main() -> None:
     names = list(models)
     for repeat in range(args.repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
-            seconds, per_step, tokens[name] = timed_run(models[name], embeds[name], args.new_tokens)
+            seconds, per_step, tokens[name] = timed_run(models[name][1], embeds[name], args.new_tokens)
             prefill[name].append(seconds)
             steps[name] += per_step
             print(
-                f"[{repeat + 1}] {name:<16} prefill {seconds:.2f} s, step {statistics.median(per_step) * 1e3:.1f} ms",
+                f"[{repeat + 1}] {name:<26} prefill {seconds:.2f} s, step {statistics.median(per_step) * 1e3:.1f} ms",
                 flush=True,
             )
     rows = []
     for name in names:
+        group = models[name][0]
+        reference = tokens[GROUPS[group]]
         row = {
             "variant": name,
+            "group": group,
             "prefill_s_median": statistics.median(prefill[name]),
             "step_ms_median": statistics.median(steps[name]) * 1e3,
             "step_ms_min": min(steps[name]) * 1e3,
-            "tokens_equal_fp32": tokens[name] == tokens["fp32"],
-            "same_prefix_tokens": next(
-                (i for i, (a, b) in enumerate(zip(tokens[name], tokens["fp32"])) if a != b), len(tokens["fp32"])
-            ),
+            "tokens_equal_fp32": tokens[name] == reference,
+            "same_prefix_tokens": leading(tokens[name], reference),
         }
         rows.append(row)
         print(
-            f"{name:<16} prefill {row['prefill_s_median']:.2f} s  step median {row['step_ms_median']:.1f} ms "
-            f"(min {row['step_ms_min']:.1f})  = fp32 tokens: {row['tokens_equal_fp32']} "
-            f"({row['same_prefix_tokens']}/{len(tokens['fp32'])} leading)"
+            f"{group:<13} {name:<26} prefill {row['prefill_s_median']:.2f} s  step median "
+            f"{row['step_ms_median']:.1f} ms (min {row['step_ms_min']:.1f})  = fp32 tokens: "
+            f"{row['same_prefix_tokens']}/{len(reference)} leading"
         )
     out = {
         "cpu_model": cpu_model(),
@@ -117,7 +134,7 @@ def main() -> None:
         "repeats": args.repeats,
         "load_average": os.getloadavg(),
         "rows": rows,
-        "answer_fp32": tokenizer.decode(tokens["fp32"]),
+        "answers": {name: tokenizer.decode(found) for name, found in tokens.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

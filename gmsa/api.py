@@ -26,8 +26,8 @@ from .compressed import Compressed
 from .config import GMSAConfig
 from .data import pad
 from .decoding import drain, greedy_texts
-from .fast_decode import FastDecoder
 from .distributed import shard_like
+from .fast_decode import FastDecoder
 from .merge import group_merge
 from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
 from .precision import DtypeChoice, log_choice, resolve_dtype

@@ -4,7 +4,7 @@ A decoding step reads every weight of the decoder to produce one token; on a CPU
 memory traffic and per-call overhead, not arithmetic (the output projection over the vocabulary
 alone is a fifth of SmolLM2-135M's weights). Two things cut it:
 
-* :func:`merged_copy`: a trained GMSA decoder carries LoRA adapters on every projection (the AE
+* :func:`inference_copy`: a trained GMSA decoder carries LoRA adapters on every projection (the AE
   adapter and the KEFT one), each adding two small matmuls, a scale and an add per projection
   and step. The copy has them merged into plain linear layers (in fp32, rounded once); every
   tensor that merging does not change is shared with the original, not copied.
@@ -135,14 +135,15 @@ def merged_linear(layer: LoraLayer) -> nn.Module:
     return own.get_base_layer().to(base.weight.dtype)
 
 
-def merged_copy(decoder: nn.Module) -> nn.Module:
-    """A copy of ``decoder`` with every LoRA layer replaced by :func:`merged_linear`.
+def inference_copy(decoder: nn.Module, merge_lora: bool = True) -> nn.Module:
+    """A copy of ``decoder``'s modules with every LoRA layer replaced by :func:`merged_linear` (``merge_lora``).
 
-    Parameters and buffers outside LoRA layers (embeddings, norms, plain layers) are shared with
-    ``decoder``, not copied; hooks registered on ``decoder`` are not carried over.
+    Parameters and buffers that merging does not change (embeddings, norms, plain layers) are
+    shared with ``decoder``, not copied; hooks registered on ``decoder`` are not carried over.
     """
     memo: dict[int, object] = {id(t): t for t in (*decoder.parameters(), *decoder.buffers())}
-    memo |= {id(m): merged_linear(m) for m in decoder.modules() if isinstance(m, LoraLayer)}
+    if merge_lora:
+        memo |= {id(m): merged_linear(m) for m in decoder.modules() if isinstance(m, LoraLayer)}
     memo |= {
         id(value): type(value)()
         for module in decoder.modules()
@@ -217,17 +218,18 @@ def resolve_int8(setting: str | bool, dtype: torch.dtype, device: torch.device) 
 
 
 class FastDecoder:
-    """The decoder GMSA decodes with: :func:`merged_copy` of the model's decoder (with int8 steps
+    """The decoder GMSA decodes with: :func:`inference_copy` of the model's decoder (with int8 steps
     where :func:`resolve_int8` says so), cached per set of active adapters and rebuilt whenever a
     LoRA tensor changes (loaded weights, a move to another device or dtype).
 
     A decoder that is being trained (in training mode, or with a parameter that requires grad)
-    is returned as it is. Base weights changed in place under an unchanged LoRA are not detected.
+    is returned as it is, and so is every decoder with ``merge=False, int8="off"`` (the plain path).
+    Base weights changed in place under an unchanged LoRA are not detected.
     A plain object, not a module: the copies are no part of the model's parameters or state.
     """
 
-    def __init__(self, int8: str | bool = "auto", keep: int = 2):
-        self.int8, self.keep = int8, keep
+    def __init__(self, int8: str | bool = "auto", merge: bool = True, keep: int = 2):
+        self.int8, self.merge, self.keep = int8, merge, keep
         self.int8_choice: Int8Choice | None = None
         self._built: dict[tuple, tuple[list[torch.Tensor], nn.Module]] = {}
 
@@ -240,16 +242,16 @@ class FastDecoder:
         adapters = tuple(
             (tuple(m.active_adapters), m.disable_adapters) for m in decoder.modules() if isinstance(m, LoraLayer)
         )
-        if not adapters and not self.int8_choice.on:
+        if not (adapters and self.merge) and not self.int8_choice.on:
             return decoder
         lora = [p.detach() for name, p in decoder.named_parameters() if "lora_" in name]
-        key = (id(decoder), weight.dtype, weight.device, adapters, self.int8_choice.on)
+        key = (id(decoder), weight.dtype, weight.device, adapters, self.merge, self.int8_choice.on)
         built = self._built.get(key)
         if built is None or not same_tensors(lora, built[0]):
             self._built.pop(key, None)
             while len(self._built) >= self.keep:
                 self._built.pop(next(iter(self._built)))
-            fast = merged_copy(decoder)
+            fast = inference_copy(decoder, self.merge)
             if self.int8_choice.on:
                 int8_steps(fast)
             self._built[key] = ([p.clone() for p in lora], fast)

@@ -13,9 +13,9 @@ from gmsa.fast_decode import (
     INT8_MIN_SPEEDUP,
     FastDecoder,
     Int8StepLinear,
+    inference_copy,
     int8_kernel_available,
     int8_steps,
-    merged_copy,
     plain_linears,
     quantize_rows,
     resolve_int8,
@@ -101,16 +101,16 @@ def logits_of(decoder, ids):
 IDS = torch.tensor([[3, 4, 5, 6, 7, 8]])
 
 
-def test_merged_copy_computes_what_the_adapters_compute_and_shares_the_rest(make_gmsa, backbone_dir):
+def test_inference_copy_computes_what_the_adapters_compute_and_shares_the_rest(make_gmsa, backbone_dir):
     gmsa = lora_gmsa(make_gmsa, backbone_dir)
     decoder = gmsa.model.decoder
-    merged = merged_copy(decoder)
+    merged = inference_copy(decoder)
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     assert torch.allclose(logits_of(merged, IDS), logits_of(decoder, IDS), atol=1e-5)
     assert merged.get_input_embeddings().weight is decoder.get_input_embeddings().weight  # shared, not copied
     assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight  # still tied
     with autoencoder_decoder(gmsa.model):  # the KEFT adapter off: a copy of what runs then differs
-        ae_only = merged_copy(decoder)
+        ae_only = inference_copy(decoder)
         assert torch.allclose(logits_of(ae_only, IDS), logits_of(decoder, IDS), atol=1e-5)
     assert not torch.allclose(logits_of(ae_only, IDS), logits_of(merged, IDS), atol=1e-3)
 
