@@ -87,7 +87,12 @@ def main() -> None:
     parser.add_argument("--out", default="reports/bench/decode-step-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models, tokenizer = variants()
+    models, tokenizer = variants()  # built outside inference mode: the models' tensors stay plain ones
+    with torch.inference_mode():
+        run(args, models, tokenizer)
+
+
+def run(args: argparse.Namespace, models: dict, tokenizer) -> None:
     text, _ = exact_length_text(tokenizer, read_passages(None)[0], args.prompt)
     ids = torch.tensor([tokenizer(text + QUESTION, add_special_tokens=False)["input_ids"]])
     embeds = {name: m.get_input_embeddings()(ids) for name, (_, m) in models.items()}
@@ -141,5 +146,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        main()
+    main()

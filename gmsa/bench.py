@@ -596,7 +596,7 @@ def run_length(
             result.compressed = None
             runs[arm].append(result)
             wall, cpu = result.e2e["wall"], result.e2e["cpu"]
-            log(f"  [{repeat + 1}/{settings.repeats}] {length:>6} {arm.name:<20} {wall:8.2f} s wall {cpu:8.2f} s cpu")
+            log(f"  [{repeat + 1}/{settings.repeats}] {length:>6} {arm.name:<31} {wall:8.2f} s wall {cpu:8.2f} s cpu")
     rows = [summarise(arm, length, runs.get(arm), skipped.get(arm), settings.new_tokens) for arm in all_arms]
     for row, arm in zip(rows, all_arms):
         row["beyond_trained_window"] = beyond_window(gmsa, arm, length, settings, question_tokens)

@@ -15,13 +15,13 @@ def format_table(results: dict) -> str:
         f"gmsa bench: {env['model']}; {env['device']} ({env['torch_threads']} threads); "
         f"{env['new_tokens']} new tokens; {env['repeats']} repeats; seconds: median [min-max]",
         _machine(env),
-        f"{'length':>6} {'arm':<17} {'wall e2e s':>22} {'cpu e2e s':>9} {'x e2e':>11} {'x prefill':>13} "
+        f"{'length':>6} {'arm':<31} {'wall e2e s':>22} {'cpu e2e s':>9} {'x e2e':>11} {'x prefill':>13} "
         f"{'compress':>8} {'decode':>6} {'KV MiB':>7} {'peak MiB':>8} {'=fp32':>6}",
-        f"{'':>6} {'':<17} {'':>22} {'':>9} {'wall/cpu':>11} {'wall/cpu':>13} {'tok/s':>8} {'tok/s':>6}",
+        f"{'':>6} {'':<31} {'':>22} {'':>9} {'wall/cpu':>11} {'wall/cpu':>13} {'tok/s':>8} {'tok/s':>6}",
     ]
     for row in results["rows"]:
         if row["status"] != "ok":
-            lines.append(f"{row['length']:>6} {row['arm']:<17} skipped: {row['reason']}")
+            lines.append(f"{row['length']:>6} {row['arm']:<31} skipped: {row['reason']}")
             continue
         wall, cpu = row["wall"], row["cpu"]
         e2e = wall["e2e_s"]
@@ -29,7 +29,7 @@ def format_table(results: dict) -> str:
         prefill = "/".join(_fmt(c.get("speedup_prefill", {}).get("ratio_of_medians"), 6) for c in (wall, cpu))
         flag = "  beyond trained window" if row["beyond_trained_window"] else ""
         lines.append(
-            f"{row['length']:>6} {row['arm']:<17} {e2e['median']:8.2f} [{e2e['min']:6.2f}-{e2e['max']:6.2f}] "
+            f"{row['length']:>6} {row['arm']:<31} {e2e['median']:8.2f} [{e2e['min']:6.2f}-{e2e['max']:6.2f}] "
             f"{cpu['e2e_s']['median']:9.2f} {speed:>11} {prefill:>13} {_fmt(wall['compress_tokens_per_s'], 8, 0)} "
             f"{_fmt(wall['decode_tokens_per_s'], 6, 1)} {row['kv_cache_bytes'] / 2**20:7.1f} "
             f"{row['peak_memory_bytes'] / 2**20:8.0f} {_agreement(row):>6}{flag}"
