@@ -44,6 +44,7 @@ GROUPS = {"backbone": "fp32", "GMSA decoder": "fp32 LoRA"}  # group: its referen
 def variants() -> tuple[dict[str, tuple[str, torch.nn.Module]], object]:
     """name -> (group, decoder), and the tokenizer."""
     plain, tokenizer = load_backbone("default", dtype=torch.float32)
+    plain.requires_grad_(False)  # frozen: FastDecoder leaves a model that is being trained as it is
     bf16 = copy.deepcopy(plain).to(torch.bfloat16)
     lora32 = GMSA.from_pretrained(dtype="float32")
     lora16 = GMSA.from_pretrained(dtype="bfloat16")

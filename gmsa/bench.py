@@ -532,6 +532,7 @@ def load_subjects(settings: BenchSettings, log: Callable) -> tuple[Subjects, str
         if auto.dtype != torch.bfloat16:
             log(f"uncompressed prompt in float32 only: {auto.reason}")
     plain, _ = load_backbone(gmsa.config.backbone, dtype=torch.float32)
+    plain.requires_grad_(False)  # frozen, as GMSA's decoder: gmsa's decoding leaves a model in training alone
     baselines = {name: copy.deepcopy(plain).to(settings.device, getattr(torch, name)) for name in names}
     del plain
     reference = None
