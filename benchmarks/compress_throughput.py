@@ -44,8 +44,13 @@ def main() -> None:
     parser.add_argument("--out", default="reports/bench/compress-throughput-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    gmsa = GMSA.from_pretrained(args.model, dtype=args.dtype)
+    gmsa = GMSA.from_pretrained(args.model, dtype=args.dtype)  # outside inference mode: plain tensors
     gmsa.hold_inference_dtype()
+    with torch.inference_mode():
+        measure(args, gmsa)
+
+
+def measure(args: argparse.Namespace, gmsa: GMSA) -> None:
     passages, _ = read_passages(None)
     texts = {n_tokens: exact_length_text(gmsa.tokenizer, passages, n_tokens)[0] for _, n_tokens in CASES.values()}
     runs = [(case, batch) for case in CASES for batch in (1, 8)]
@@ -104,5 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        main()
+    main()

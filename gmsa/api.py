@@ -128,6 +128,7 @@ class GMSA:
             return False
         with torch.inference_mode(False):  # plain tensors even when the first call runs in inference mode
             self.model.to(dtype)
+            self.fast_decoder.of(self.model.decoder)  # build the decoding copy now, not in the first answer
         return True
 
     def _trained_params(self) -> list[torch.Tensor]:

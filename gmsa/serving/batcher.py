@@ -128,7 +128,7 @@ def answer_units(gmsa: GMSA, tasks: list[AnswerTask], batch_size: int) -> Units:
     for start in range(0, len(rows), batch_size):
         packed = pack([[row] for row in rows[start : start + batch_size]], left_pad=True)
         steps = greedy_steps(
-            gmsa.model.decoder,
+            gmsa.fast_decoder.of(gmsa.model.decoder),  # what GMSA.generate decodes with
             packed.inputs_embeds,
             packed.attention_mask,
             first.max_new_tokens,
