@@ -11,7 +11,8 @@ alone is a fifth of SmolLM2-135M's weights). Two things cut it:
 * :class:`Int8StepLinear`: a linear layer keeps its weight (used, unchanged, for the prefill and
   anything wider than ``max_rows`` rows) and adds an int8 copy with one scale per output channel,
   used for the narrow inputs of the decoding steps (bf16 only) through ATen's weight-only int8
-  kernel. Prefill outputs are bit-identical; step outputs differ by the int8 rounding of the weights.
+  kernel. A prefill's hidden states and KV cache are bit-identical (a one-row output head, as with
+  ``logits_to_keep=1``, takes the int8 path); step outputs differ by the int8 rounding of the weights.
 
 :class:`FastDecoder` builds and caches the copy GMSA decodes with; ``int8="auto"`` adopts the int8
 steps where a start-up measurement finds them faster (:func:`measure_int8_step_speedup`).
