@@ -236,7 +236,7 @@ def check_via_api(url: str, stored: dict[str, dict], headers: dict) -> list[str]
 
 def check_store(store: Path, stored: dict[str, dict]) -> dict:
     """Open the store after the server stopped: checksums of every blob, SQLite integrity, ids present."""
-    from gmsa.store import ContextStore
+    from gmsa.serving.store import ContextStore
 
     with ContextStore(store) as opened:
         problems = opened.verify()

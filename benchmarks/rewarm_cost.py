@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gmsa import resume  # noqa: E402
-from gmsa.train import TrainConfig, Trainer  # noqa: E402
+from gmsa.training import resume  # noqa: E402
+from gmsa.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 REWARMS = (0, 5, 20, 50)  # --rewarms to choose
 

@@ -24,12 +24,12 @@ from .backbone import fingerprint, load_backbone
 from .chunking import check_window, length_sorted_batches, plan_windows, soft_tokens_to_drop
 from .compressed import Compressed
 from .config import GMSAConfig
-from .data import pad
 from .decoding import drain, greedy_texts
-from .distributed import shard_like
 from .merge import group_merge
 from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
 from .precision import DtypeChoice, log_choice, resolve_dtype
+from .training.data import pad
+from .training.distributed import shard_like
 from .version import __version__
 
 if TYPE_CHECKING:

@@ -27,10 +27,10 @@ from .version import __version__
 
 # sub-commands registered by other modules (imported only when needed: some import torch)
 REGISTERED = {
-    "data": "gmsa.corpora.cli",
-    "bench": "gmsa.bench",
+    "data": "gmsa.data.cli",
+    "bench": "gmsa.evaluation.bench",
     "eval": "gmsa.evaluation.cli",
-    "serve": "gmsa.server",
+    "serve": "gmsa.serving.server",
 }
 OWN = ("compress", "answer", "reconstruct", "export-decoder", "train", "demo")
 
@@ -194,8 +194,8 @@ def cmd_export_decoder(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .train import TrainConfig, Trainer
+    from .training import distributed
+    from .training.trainer import TrainConfig, Trainer
 
     overrides = [f"stage={json.dumps(args.stage)}"] + list(args.overrides)
     cfg = TrainConfig.from_sources(args.config or [], overrides)
@@ -208,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
     return run_demo(args.model, rate=args.rate, as_json=args.json, repeats=args.repeats)
 
@@ -217,7 +217,7 @@ def train_keys_epilog() -> str:
     """The ``key=value`` names ``gmsa train`` takes: the fields of ``TrainConfig`` with their defaults."""
     import dataclasses
 
-    from .train import TrainConfig
+    from .training.trainer import TrainConfig
 
     lines = [
         "Any key=value after the options overrides a training option (TOML values), e.g. lr=3e-4 max_steps=100.",

@@ -68,7 +68,7 @@ def no_corpus_downloads():
         raise AssertionError(f"a test asked to download corpus packages {list(keys)}; pass paths= (fixture archives)")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("gmsa.corpora.prepare.fetch_all", refuse)
+        patch.setattr("gmsa.data.prepare.fetch_all", refuse)
         yield
 
 

@@ -123,7 +123,7 @@ def test_every_option_has_help_and_reconstruct_lists_max_new_tokens():
 
 
 def test_train_help_lists_every_training_option():
-    from gmsa.train import TrainConfig
+    from gmsa.training.trainer import TrainConfig
 
     text = command_parser("train").format_help()
     for field in dataclasses.fields(TrainConfig):

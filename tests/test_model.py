@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gmsa.data import Example, collate
 from gmsa.model import base_model, set_stage, trained_state_dict
+from gmsa.training.data import Example, collate
 
 
 def _batch(gmsa, texts, rates):

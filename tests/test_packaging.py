@@ -22,8 +22,15 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["fastapi", "uvicorn", "llmlingua", "matplotlib", "sentence_transformers", "torch.distributed.fsdp"]
 # gmsa's own tools: the library imports none of them
-TOOLS = ["gmsa.distributed", "gmsa.train", "gmsa.server", "gmsa.serving", "gmsa.evaluation", "gmsa.bench"]
-TOOLS += ["gmsa.corpora", "gmsa.store"]
+TOOLS = [
+    "gmsa.training.distributed",
+    "gmsa.training.trainer",
+    "gmsa.serving.server",
+    "gmsa.serving",
+    "gmsa.evaluation",
+    "gmsa.evaluation.bench",
+]
+TOOLS += ["gmsa.data", "gmsa.serving.store"]
 # Imports `statement`; prints {module: how it got imported}: the gmsa import lines that led to it, then the
 # line that imported it, "gmsa/api.py:15 -> ... -> transformers/generation/utils.py:39".
 PROBE = """
@@ -56,8 +63,11 @@ IMPORTS = ["import gmsa", "from gmsa import GMSA"]
 KNOWN = {
     ("from gmsa import GMSA", "torch.distributed.fsdp"): "transformers' GenerationMixin imports FSDP "
     "(transformers/generation/utils.py -> transformers/distributed/fsdp.py), reached through `import peft` "
-    "(gmsa/api.py, gmsa/model.py) and any causal LM class; gmsa/api.py also imports gmsa.distributed",
-    ("from gmsa import GMSA", "gmsa.distributed"): "gmsa/api.py imports shard_like from gmsa.distributed "
+    "(gmsa/api.py, gmsa/model.py) and any causal LM class; gmsa/api.py also imports gmsa.training.distributed",
+    (
+        "from gmsa import GMSA",
+        "gmsa.training.distributed",
+    ): "gmsa/api.py imports shard_like from gmsa.training.distributed "
     "(torchrun/FSDP glue); issue 17 moves it out of the API's imports",
 }
 

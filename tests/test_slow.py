@@ -8,7 +8,7 @@ import torch
 
 from gmsa import GMSA
 from gmsa.backbone import default_backbone_dir, fingerprint, load_backbone
-from gmsa.demo import run_demo
+from gmsa.evaluation.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..api import GMSA
 from ..backbone import cache_root
 from ..config import GMSAConfig
-from ..data import read_jsonl
+from ..training.data import read_jsonl
 from .baselines import Output
 
 LENGTH_BUCKETS: tuple[tuple[str, int, int], ...] = (("<=128", 0, 128), ("129-256", 129, 256), ("257-512", 257, 512))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..api import GMSA
 from ..config import GMSAConfig
-from ..metrics import qa_scores
 from .baselines import BASELINES, Generation, GMSAMethod, LLMLingua, Method, Output, Uncompressed
 from .common import Example, cost_summary, mean, run_plan
+from .metrics import qa_scores
 
 PRIMARY_METRIC = "contains"
 QA_METRICS = ("contains", "em", "f1")

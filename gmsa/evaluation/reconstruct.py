@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..metrics import ROUGE_TYPES, bleu, prefix_exact_match, rouge, semantic_available, semantic_similarity
 from .baselines import GMSAMethod, Output
 from .common import LENGTH_BUCKETS, OVER_BUCKETS, Example, cost_summary, mean, run_plan
+from .metrics import ROUGE_TYPES, bleu, prefix_exact_match, rouge, semantic_available, semantic_similarity
 
 RECONSTRUCT_METRICS = ("bleu", "prefix_em", *ROUGE_TYPES, "semantic")
 BUCKET_ORDER = [name for name, _, _ in LENGTH_BUCKETS] + [OVER_BUCKETS]

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from ..api import GMSA
 from ..compressed import Compressed
-from ..store import ContextRecord, ContextStore, StoreError, content_sha256, context_id
 from .batcher import (
     AnswerTask,
     CompressTask,
@@ -29,6 +28,7 @@ from .limits import Limits, too_large
 from .scheduler import JobFuture, ModelWorker, WorkCancelledError
 from .schemas import AnswerRequest, CompressRequest, ContextSummary, Timings
 from .settings import ServeSettings
+from .store import ContextRecord, ContextStore, StoreError, content_sha256, context_id
 
 log = logging.getLogger(__name__)
 

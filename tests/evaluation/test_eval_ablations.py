@@ -9,9 +9,9 @@ import torch
 
 from gmsa import GMSA, GMSAConfig
 from gmsa.ablations import MemoryTokens
-from gmsa.data import pad
 from gmsa.model import set_stage, trained_state_dict
-from gmsa.train import TrainConfig
+from gmsa.training.data import pad
+from gmsa.training.trainer import TrainConfig
 
 TEXTS = ["Paris is the capital of France and its largest city.", "The quick brown fox jumps over the lazy dog."]
 

@@ -11,7 +11,7 @@ import torch
 from gmsa import cli as gmsa_cli
 from gmsa.evaluation import baselines
 from gmsa.evaluation.cli import BASELINE_NAMES, main
-from gmsa.metrics import bleu, semantic_available
+from gmsa.evaluation.metrics import bleu, semantic_available
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

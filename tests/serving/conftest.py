@@ -13,7 +13,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from gmsa import GMSA, GMSAConfig
-from gmsa.server import create_app
+from gmsa.serving.server import create_app
 from gmsa.serving.settings import ServeSettings
 
 
