@@ -81,7 +81,7 @@ def check(dry_run: bool, early: bool = False) -> dict:
 # ------------------------------------------------------------------------ training
 def stage_config(stage: str, payload: Path, work: Path, args: argparse.Namespace):
     """The recipe's TrainConfig with only the machine-specific fields replaced."""
-    from gmsa.training.trainer import TrainConfig
+    from gmsa.training.config import TrainConfig
 
     task = "ae" if stage == "ae" else "qa"
     cfg = TrainConfig.from_sources([str(REPO / "configs" / f"{stage}.toml")], getattr(args, f"{stage}_set"))

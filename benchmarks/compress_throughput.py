@@ -23,6 +23,7 @@ import torch
 
 from gmsa import GMSA, GMSAConfig
 from gmsa.evaluation.bench import exact_length_text, read_passages
+from gmsa.evaluation.common import UNTRAINED_DEFAULTS
 from gmsa.precision import cpu_has_native_bf16, cpu_model
 
 CASES = {  # name: (number of texts, tokens per text)
@@ -44,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    gmsa = GMSA.from_backbone("default", GMSAConfig(k_enc=args.k_enc), dtype=args.dtype)
+    gmsa = GMSA.from_backbone("default", GMSAConfig(**(UNTRAINED_DEFAULTS | {"k_enc": args.k_enc})), dtype=args.dtype)
     gmsa.hold_inference_dtype()
     passages, _ = read_passages(None)
     texts = {n_tokens: exact_length_text(gmsa.tokenizer, passages, n_tokens)[0] for _, n_tokens in CASES.values()}

@@ -52,6 +52,7 @@ from tests.conftest import CORPUS, tiny_tokenizer  # noqa: E402  (reused, not co
 
 GIB = 2**30
 RUN_GMSA = {"k_enc": 2, "k_lsa": 1, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_context_tokens": 64}
+RUN_GMSA |= {"ae_decoder_lora_r": 0, "decoder_lora_r": 16, "lsa_match_embedding_scale": True}  # the paper's decoder
 TEXT = " ".join(CORPUS[:4])  # 43 tokens of the tiny word-level tokenizer
 QUESTION, ANSWER = "What is the capital of France?", "Paris"
 

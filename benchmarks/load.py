@@ -182,8 +182,10 @@ def untrained_checkpoint(k_enc: int, directory: Path) -> Path:
     """Write an untrained GMSA on the default backbone as a checkpoint directory (once)."""
     if not (directory / "model.safetensors").is_file():
         from gmsa import GMSA, GMSAConfig
+        from gmsa.evaluation.common import UNTRAINED_DEFAULTS
 
-        GMSA.from_backbone("default", GMSAConfig(k_enc=k_enc)).save_pretrained(directory)
+        config = GMSAConfig(**(UNTRAINED_DEFAULTS | {"k_enc": k_enc}))
+        GMSA.from_backbone("default", config).save_pretrained(directory)
     return directory
 
 

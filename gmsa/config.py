@@ -16,7 +16,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # compute dtypes (gmsa.precisio
 
 @dataclass
 class GMSAConfig:
-    """Architecture of the compressor around a frozen causal LM.
+    """Architecture of the compressor around a frozen causal LM; the defaults are the shipped recipe's.
 
     Attributes:
         backbone: local path of the HF causal LM, or ``"default"`` for the embedded
@@ -50,11 +50,11 @@ class GMSAConfig:
 
     backbone: str = "default"
     backbone_fingerprint: str = ""
-    k_enc: int = 8
+    k_enc: int = 4
     k_lsa: int = 1
     lsa_init: str = "decoder"
     merge: str = "mean"
-    lsa_match_embedding_scale: bool = True
+    lsa_match_embedding_scale: bool = False
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -65,8 +65,8 @@ class GMSAConfig:
     default_rate: int = 4
     ae_prompt: str = AE_PROMPT
     decoder_tuning: str = "none"
-    decoder_lora_r: int = 16
-    ae_decoder_lora_r: int = 0
+    decoder_lora_r: int = 8
+    ae_decoder_lora_r: int = 16
     lsa_output_gain: bool = False
     extra: dict = field(default_factory=dict)
 

@@ -457,6 +457,7 @@ def load_model(settings: BenchSettings, dtype: str | torch.dtype | None = None):
     """The GMSA to time: ``--model DIR`` or an untrained one on the real default backbone."""
     from ..api import GMSA
     from ..config import GMSAConfig
+    from .common import UNTRAINED_DEFAULTS
 
     dtype = settings.gmsa_dtype if dtype is None else dtype
     if settings.model:
@@ -464,7 +465,8 @@ def load_model(settings: BenchSettings, dtype: str | torch.dtype | None = None):
         described = f"checkpoint {settings.model}"
     else:
         torch.manual_seed(0)  # the untrained encoder LoRA (its B factors are zero: same weights for every seed)
-        gmsa = GMSA.from_backbone("default", GMSAConfig(k_enc=settings.k_enc), dtype=dtype)
+        config = GMSAConfig(**(UNTRAINED_DEFAULTS | {"k_enc": settings.k_enc}))
+        gmsa = GMSA.from_backbone("default", config, dtype=dtype)
         gmsa.model.to(settings.device)
         described = f"untrained GMSA (k_enc={settings.k_enc}) on the default backbone (speed does not need training)"
     gmsa.hold_inference_dtype()

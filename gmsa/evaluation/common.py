@@ -22,7 +22,8 @@ from .baselines import Output
 
 LENGTH_BUCKETS: tuple[tuple[str, int, int], ...] = (("<=128", 0, 128), ("129-256", 129, 256), ("257-512", 257, 512))
 OVER_BUCKETS = ">512"
-UNTRAINED_DEFAULTS = {"k_enc": 4}
+# an untrained compressor: the paper's frozen decoder (no AE decoder LoRA), soft tokens scaled like embeddings
+UNTRAINED_DEFAULTS = {"k_enc": 4, "ae_decoder_lora_r": 0, "lsa_match_embedding_scale": True}
 
 
 def length_bucket(n_tokens: int) -> str:

@@ -28,7 +28,7 @@ def base_decoder_model(models: list[tuple[str, GMSA]], backbone: str | None) -> 
         if gmsa.config.decoder_tuning == "none":
             return gmsa
     source = backbone or models[0][1].config.backbone
-    return GMSA.from_backbone(source, GMSAConfig(k_enc=1, k_lsa=0))
+    return GMSA.from_backbone(source, GMSAConfig(k_enc=1, k_lsa=0, ae_decoder_lora_r=0))
 
 
 def build_qa_methods(

@@ -85,7 +85,7 @@ REAL_CONFIGS: dict[str, dict] = {
 }
 
 # The paper's GMSA settings (../shared/METHOD.md): encoder = 8 layers + LoRA r=128, one LSA block.
-PAPER_GMSA = {"k_enc": 8, "k_lsa": 1, "lora_r": 128, "lora_alpha": 32}
+PAPER_GMSA = {"k_enc": 8, "k_lsa": 1, "lora_r": 128, "lora_alpha": 32, "ae_decoder_lora_r": 0, "decoder_lora_r": 16}
 
 
 def real_config(name: str, **overrides) -> PretrainedConfig:
@@ -152,8 +152,9 @@ def count_params(cfg: PretrainedConfig, gmsa: GMSAConfig) -> dict[str, int]:
     """Exact parameter counts of ``GMSAModel(decoder(cfg), gmsa)`` (mean merging; LSA from layers or linear).
 
     backbone = VH (+ VH untied head) + L layer + H;  encoder copy = H (1-row embedding) + k_enc layer + H;
-    LSA = H + k_lsa layer + H (``lsa_init="linear"``: H^2 + H); encoder LoRA = k_enc lora(r).
-    Trainable: ``ae`` = encoder LoRA + LSA without its 1-row embedding; ``keft_qkv`` = L qkv;
+    LSA = H + k_lsa layer + H (``lsa_init="linear"``: H^2 + H); encoder LoRA = k_enc lora(r); AE decoder
+    LoRA = L lora(ae_decoder_lora_r). Trainable: ``ae`` = encoder LoRA + LSA without its 1-row embedding + AE
+    decoder LoRA; ``keft_qkv`` = L qkv;
     ``keft_full`` = L layer + H; ``keft_lora`` = L lora(decoder_lora_r).
     """
     d = Dims.of(cfg)
@@ -166,14 +167,16 @@ def count_params(cfg: PretrainedConfig, gmsa: GMSAConfig) -> dict[str, int]:
         lsa = 2 * d.H + gmsa.k_lsa * layer_params(d) if gmsa.k_lsa else 0
         lsa_trainable = lsa - d.H if gmsa.k_lsa else 0
     decoder_lora = d.L * lora_params(d, gmsa.decoder_lora_r)
-    total = backbone + encoder + encoder_lora + lsa + decoder_lora * (gmsa.decoder_tuning == "lora")
+    ae_decoder_lora = d.L * lora_params(d, gmsa.ae_decoder_lora_r)
+    total = backbone + encoder + encoder_lora + lsa + ae_decoder_lora + decoder_lora * (gmsa.decoder_tuning == "lora")
     return {
         "backbone": backbone,
         "encoder_copy": encoder,
         "lsa_copy": lsa,
         "encoder_lora": encoder_lora,
         "total": total,
-        "ae": encoder_lora + lsa_trainable,
+        "ae_decoder_lora": ae_decoder_lora,
+        "ae": encoder_lora + lsa_trainable + ae_decoder_lora,
         "keft_qkv": d.L * qkv_params(d),
         "keft_full": d.L * layer_params(d) + d.H,
         "keft_lora": decoder_lora,

@@ -18,9 +18,7 @@ import math
 import signal
 import threading
 import time
-import tomllib
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
@@ -30,123 +28,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..api import GMSA, load_trained
-from ..config import GMSAConfig, ae_prompt_text
+from ..config import ae_prompt_text
 from ..evaluation.information import soft_token_information
 from ..evaluation.metrics import bleu
 from ..model import base_model, enable_decoder_tuning, set_stage, trained_state_dict
 from ..precision import hold_frozen_in, log_choice, resolve_dtype
 from . import distributed, resume
+from .config import TrainConfig
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl, subsample_sources
 from .warmup import TokenProbe, probe_loss, probe_scores
 
-STAGES = ("warmup", "ae", "keft")
-PARALLEL = ("ddp", "fsdp")
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run; ``configs/*.toml`` override these defaults."""
-
-    stage: str = "ae"
-    data: str = "data/ae/train.jsonl"
-    val_data: str = "data/ae/val.jsonl"
-    out_dir: str = "runs/ae"
-    resume_from: str = ""  # a resume point (model/ + resume.json) to continue when out_dir has no state of its own
-    rewarm_steps: int = 20  # after a resume without optimizer moments, ramp the lr up over this many steps
-    init: str = ""  # GMSA checkpoint to start from (KEFT starts from the AE one); "" = fresh
-    backbone: str = "default"
-    k_enc: int = 8
-    k_lsa: int = 1
-    lsa_init: str = "decoder"
-    merge: str = "mean"  # "memory" = ablation: learned memory tokens instead of group merging
-    lsa_match_embedding_scale: bool = True
-    lora_r: int = 32
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    decoder_tuning: str = "qkv"
-    keft_lora_r: int = 16  # rank of KEFT's decoder LoRA when decoder_tuning = "lora"
-    ae_decoder_lora: int = 0  # rank of a decoder LoRA (adapter "ae") trained in the AE stage; 0 = frozen (the paper)
-    ae_prompt: str = "paper"  # "paper" (the paper's prompt), "chat-copy" (chat template, verbatim) or a text
-    lsa_output_gain: bool = False  # a learnable scale on the soft tokens (GMSAConfig.lsa_output_gain)
-    gain_lr: float = 1e-2  # its learning rate (it is one log-scale number)
-    rates: list[int] = field(default_factory=lambda: [4, 8])
-    min_tokens: int = 16
-    max_tokens: int = 256
-    source_fractions: dict[str, float] = field(default_factory=dict)  # training rows kept: {"boolq": 0.25}
-    curriculum: dict[str, int] = field(default_factory=dict)  # {"step": max_tokens}, e.g. {"0": 64, "500": 128}
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    lsa_lr: float = 0.0  # 0 = same as lr
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    max_steps: int = 2000
-    weight_decay: float = 0.0
-    clip: float = 2.0
-    dtype: str = "auto"  # "auto" = bf16 where a start-up matmul measures it faster (gmsa.precision), else fp32
-    grad_checkpointing: bool = False
-    eval_every: int = 100
-    eval_examples: int = 16
-    eval_max_tokens: int = 128
-    save_every_min: float = 10.0
-    keep_every: int = 0  # also keep the trained weights every this many steps in snapshots/step-N; 0 = no
-    max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
-    stop_at_step: int = 0  # stop (and save) at this step, keeping the schedule of max_steps; 0 = no
-    seed: int = 0
-    threads: int = 0
-    device: str = "auto"  # auto = this rank's GPU if there is one, else cpu
-    parallel: str = "ddp"  # under torchrun: "ddp" (a full copy per rank) or "fsdp" (params, grads, Adam sharded)
-
-    @classmethod
-    def from_sources(cls, files: list[str] = (), overrides: list[str] = ()) -> TrainConfig:
-        """Defaults, then TOML files in order, then ``key=value`` overrides (values parsed as TOML)."""
-        values: dict = {}
-        for path in files:
-            with open(path, "rb") as handle:
-                values |= tomllib.load(handle)
-        for item in overrides:
-            key, sep, raw = item.removeprefix("--").partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} must look like key=value")
-            values[key.replace("-", "_")] = _parse_value(raw)
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := set(values) - known:
-            raise ValueError(f"unknown training options: {sorted(unknown)}")
-        return cls(**values)
-
-    def model_config(self) -> GMSAConfig:
-        return GMSAConfig(
-            backbone=self.backbone,
-            k_enc=self.k_enc,
-            k_lsa=self.k_lsa,
-            lsa_init=self.lsa_init,
-            merge=self.merge,
-            lsa_match_embedding_scale=self.lsa_match_embedding_scale,
-            lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            decoder_tuning=self.decoder_tuning if self.stage == "keft" else "none",
-            ae_decoder_lora_r=self.ae_decoder_lora,
-            lsa_output_gain=self.lsa_output_gain,
-            max_context_tokens=max(2048, self.max_tokens),
-        )
-
-    def max_tokens_at(self, step: int) -> int:
-        caps = sorted((int(k), v) for k, v in self.curriculum.items())
-        current = self.max_tokens
-        for start, cap in caps:
-            if step >= start:
-                current = cap
-        return current
-
-
-def _parse_value(raw: str):
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def cosine_lr(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -160,15 +52,15 @@ def cosine_lr(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def build_model(cfg: TrainConfig) -> GMSA:
     """A fresh GMSA on the backbone, or one loaded from ``cfg.init`` (with KEFT's decoder tuning)."""
     if not cfg.init:
-        fresh = GMSA.from_backbone(cfg.backbone, cfg.model_config())
-        fresh.config.ae_prompt = ae_prompt_text(cfg.ae_prompt, fresh.tokenizer)
+        fresh = GMSA.from_backbone(cfg.model.backbone, cfg.model_config())
+        fresh.config.ae_prompt = ae_prompt_text(cfg.model.ae_prompt, fresh.tokenizer)
         return fresh
     start = GMSA.from_pretrained(cfg.init)
     # the encoder window must cover the longest context this stage trains on, as for a fresh model
     start.config.max_context_tokens = max(start.config.max_context_tokens, cfg.max_tokens)
     if cfg.stage == "keft":
-        start.config.decoder_lora_r = cfg.keft_lora_r
-        enable_decoder_tuning(start.model, cfg.decoder_tuning)
+        start.config.decoder_lora_r = cfg.model.decoder_lora_r
+        enable_decoder_tuning(start.model, cfg.model.decoder_tuning)
     return start
 
 
@@ -204,10 +96,6 @@ class Trainer:
     """One training run; ``run()`` resumes from ``out_dir`` (or ``resume_from``) when it holds a state."""
 
     def __init__(self, cfg: TrainConfig):
-        if cfg.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
-        if cfg.parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import torch
 from gmsa import GMSA, GMSAConfig
 from gmsa.ablations import MemoryTokens
 from gmsa.model import set_stage, trained_state_dict
+from gmsa.training.config import TrainConfig
 from gmsa.training.data import pad
-from gmsa.training.trainer import TrainConfig
 
 TEXTS = ["Paris is the capital of France and its largest city.", "The quick brown fox jumps over the lazy dog."]
 
@@ -30,7 +30,7 @@ def test_config_validates_merge():
     assert GMSAConfig().merge == "mean"
     with pytest.raises(ValueError, match="merge must be mean or memory"):
         GMSAConfig(merge="max")
-    assert TrainConfig(merge="memory").model_config().merge == "memory"
+    assert TrainConfig.from_dict({"merge": "memory"}).model_config().merge == "memory"
 
 
 @pytest.mark.parametrize("rate", [1, 2, 3, 4])

@@ -11,7 +11,7 @@ import pytest
 
 from gmsa import GMSA
 from gmsa.training import transport
-from gmsa.training.trainer import TrainConfig
+from gmsa.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,8 @@ def test_dry_run_leaves_a_loadable_checkpoint_in_small_parts(tmp_path):
     back = tmp_path / "back"
     assert transport.main(["unpack", str(out / "checkpoint.json"), str(back)]) == 0
     gmsa = GMSA.from_pretrained(back / "keft" / "model")
-    assert gmsa.config.decoder_tuning == TrainConfig.from_sources([str(REPO / "configs" / "keft.toml")]).decoder_tuning
+    keft = TrainConfig.from_sources([str(REPO / "configs" / "keft.toml")])
+    assert gmsa.config.decoder_tuning == keft.model.decoder_tuning
     results = json.loads((out / "results.json").read_text())
     assert results["ae"]["steps"] == results["keft"]["steps"] == 3
     assert "rows" in results["qa"] and "rows" in results["reconstruct"], results

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from gmsa.model import trained_state_dict
+from gmsa.training.config import TrainConfig
 from gmsa.training.data import BatchStream, Example
 from gmsa.training.distributed import Context
-from gmsa.training.trainer import TrainConfig, Trainer
+from gmsa.training.trainer import Trainer
 from tests.training.test_train import SENTENCES, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,11 +27,12 @@ RANK_SCRIPT = textwrap.dedent(
     import torch
     from gmsa.training import distributed
     from gmsa.model import trained_state_dict
-    from gmsa.training.trainer import TrainConfig, Trainer
+    from gmsa.training.config import TrainConfig
+    from gmsa.training.trainer import Trainer
 
     out = sys.argv[1]
     for values in json.loads(sys.argv[2]):
-        trainer = Trainer(TrainConfig(**values))
+        trainer = Trainer(TrainConfig.from_dict(values))
         trainer.run()
         weights = trained_state_dict(trainer.model)
         if trainer.probe is not None:

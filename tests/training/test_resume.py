@@ -4,6 +4,7 @@ import dataclasses
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +12,12 @@ import torch
 from gmsa.cli import main as cli_main
 from gmsa.model import trained_state_dict
 from gmsa.training import resume
+from gmsa.training.config import TrainConfig
 from gmsa.training.trainer import Trainer, cosine_lr
 from tests.training.test_train import ae_files, tiny_config  # noqa: F401  (ae_files is a fixture)
 
+REPO = Path(__file__).resolve().parents[2]
+MODEL_KEYS = ("backbone", "k_enc", "lora_r", "lora_alpha", "lsa_match_embedding_scale", "ae_prompt")
 TRACKED = ("model", "resume.json", "metrics.jsonl")  # what a resume point keeps in git
 
 
@@ -66,7 +70,8 @@ def test_max_steps_at_or_below_the_resumed_step_exits_non_zero(backbone_dir, ae_
     cfg = tiny_config(backbone_dir, ae_files, split_run, max_steps=3)
     with pytest.raises(ValueError, match="already at step 3 >= max_steps=3"):
         Trainer(cfg).run()
-    overrides = [f"{k}={json.dumps(v)}" for k, v in dataclasses.asdict(cfg).items() if k != "stage"]
+    overrides = [f"{k}={json.dumps(v)}" for k, v in dataclasses.asdict(cfg).items() if k not in ("stage", "model")]
+    overrides += [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(cfg.model).items() if v is not None]
     assert cli_main(["train", "ae", *overrides]) == 2
     assert "nothing to train" in capsys.readouterr().err
     with pytest.raises(ValueError, match="stop_at_step=2 is at or below"):
@@ -83,6 +88,31 @@ def test_resume_from_must_hold_a_state(backbone_dir, ae_files, tmp_path):  # noq
     cfg = tiny_config(backbone_dir, ae_files, tmp_path / "run", resume_from=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="holds no resume.json"):
         Trainer(cfg).run()
+
+
+def test_a_run_written_before_the_model_table_resumes_exactly(backbone_dir, ae_files, split_run, tmp_path):  # noqa: F811
+    """A run directory of the code before the [model] table: a flat config in resume.json and exact/state.json."""
+    cfg = tiny_config(backbone_dir, ae_files, split_run)
+    flat = json.loads((REPO / "checkpoints" / "ae" / "resume.json").read_text())["config"]  # the old field names
+    flat |= {key: value for key, value in dataclasses.asdict(cfg).items() if key in flat}
+    flat |= {key: getattr(cfg.model, key) for key in MODEL_KEYS}
+    flat |= {"ae_decoder_lora": 0, "decoder_tuning": "qkv"}
+    for path in (split_run / "resume.json", split_run / "exact" / "state.json"):
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"config": flat}))
+    assert TrainConfig.from_dict(flat).model_config() == cfg.model_config()
+    resumed = Trainer(cfg)
+    assert resumed.resume() and resumed.step == 3 and resumed.optimizer.state_dict()["state"]  # exact: moments
+    resumed.run()
+    rows = [json.loads(line) for line in (split_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    straight = Trainer(tiny_config(backbone_dir, ae_files, tmp_path / "straight"))
+    straight.run()
+    assert resumed.step == straight.step == 6
+    reference = dict(straight.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param, reference[name], atol=1e-6), name
+    assert "model" in json.loads((split_run / "resume.json").read_text())["config"]  # written in the new form
 
 
 def test_legacy_state_pt_is_read_without_unsafe_pickles(backbone_dir, ae_files, split_run, tmp_path):  # noqa: F811
