@@ -163,7 +163,7 @@ def _finish(args: argparse.Namespace, task: str, payload: dict, predictions: lis
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .baselines import GMSAMethod, UncompressedRestatement
-    from .common import default_cache_dir
+    from .common import EvalRun, default_cache_dir
     from .reconstruct import evaluate_reconstruct
 
     started = time.time()
@@ -172,9 +172,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     methods = [(GMSAMethod(f"gmsa[{label}]", gmsa), label) for label, _, gmsa in models]
     if not args.no_ceiling:
         methods += [(UncompressedRestatement(f"ceiling[{label}]", gmsa), label) for label, _, gmsa in models]
-    results, predictions, more_notes = evaluate_reconstruct(
-        methods, examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size, not args.no_semantic
-    )
+    run = EvalRun(examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size)
+    results, predictions, more_notes = evaluate_reconstruct(methods, run, not args.no_semantic)
     payload = _payload(args, "reconstruct", models, examples, results, notes + more_notes, started)
     return _finish(args, "reconstruct", payload, predictions)
 
@@ -182,7 +181,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_qa(args: argparse.Namespace) -> int:
     from ..backbone import resolve_backbone
     from .baselines import Generation
-    from .common import default_cache_dir
+    from .common import EvalRun, default_cache_dir
     from .qa import base_decoder_model, build_qa_methods, evaluate_qa
 
     started = time.time()
@@ -194,9 +193,8 @@ def cmd_qa(args: argparse.Namespace) -> int:
     base.model.to(args.device)
     small_lm = resolve_backbone(args.backbone or base.config.backbone) if "llmlingua" in args.baselines else ""
     methods = build_qa_methods(pairs, args.baselines, generation, base, small_lm, args.llmlingua_iterative_size)
-    results, predictions = evaluate_qa(
-        methods, examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size
-    )
+    run = EvalRun(examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size)
+    results, predictions = evaluate_qa(methods, run)
     payload = _payload(args, "qa", models, examples, results, notes, started)
     return _finish(args, "qa", payload, predictions)
 

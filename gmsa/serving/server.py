@@ -15,15 +15,16 @@ import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from ..api import GMSA
+from ..cli_options import add_options, from_args
 from ..engines import add_engine_args, engine_from_args
 from ..version import __version__
-from .guards import GuardMiddleware, install_error_handlers, require_api_key, shorten
+from .guards import GuardMiddleware, install_error_handlers, require_api_key
 from .metrics import ObserveMiddleware, ServerMetrics
 from .openai_api import add_openai_routes
 from .schemas import (
@@ -42,7 +43,7 @@ from .schemas import (
     state_limits,
 )
 from .service import GMSAService
-from .settings import ServeSettings, setting_fields
+from .settings import ServeSettings
 from .store import ContextStore, StoreError
 
 API_KEY_ENV = "GMSA_API_KEY"
@@ -161,7 +162,11 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
             },
         }
 
-    @app.post("/v1/contexts", response_model=CompressResponse, tags=["contexts"], dependencies=auth, responses=errors)
+    contexts = {"tags": ["contexts"], "dependencies": auth}
+    stored = contexts | {"responses": errors | NOT_FOUND}
+    answers = {"tags": ["answers"], "dependencies": auth, "responses": errors | NOT_FOUND | CONFLICT}
+
+    @app.post("/v1/contexts", response_model=CompressResponse, responses=errors, **contexts)
     async def create_contexts(body: CompressRequest) -> CompressResponse:
         """Compress and store texts; the same text, rate and model always get the same id."""
         summaries, timings = await service.compress(body)
@@ -175,52 +180,24 @@ def _add_routes(app: FastAPI, service: GMSAService, auth: list) -> None:
             timings=timings,
         )
 
-    @app.get(
-        "/v1/contexts/{context_id}",
-        response_model=ContextInfo,
-        tags=["contexts"],
-        dependencies=auth,
-        responses=errors | NOT_FOUND,
-    )
+    @app.get("/v1/contexts/{context_id}", response_model=ContextInfo, **stored)
     async def get_context(context_id: str) -> dict:
         """Metadata of a stored context."""
-        record = await run_in_threadpool(service.store.get, context_id)
-        if record is None:
-            raise HTTPException(404, f"no context with id {shorten(context_id)!r}")
-        return record.to_dict()
+        return (await service.record(context_id)).to_dict()
 
-    @app.delete(
-        "/v1/contexts/{context_id}",
-        status_code=204,
-        tags=["contexts"],
-        dependencies=auth,
-        responses=errors | NOT_FOUND,
-    )
+    @app.delete("/v1/contexts/{context_id}", status_code=204, **stored)
     async def delete_context(context_id: str) -> Response:
         """Delete a stored context."""
-        if not await run_in_threadpool(service.store.delete, context_id):
-            raise HTTPException(404, f"no context with id {shorten(context_id)!r}")
+        await service.delete(context_id)
         return Response(status_code=204)
 
-    @app.post(
-        "/v1/answers",
-        response_model=AnswerResponse,
-        tags=["answers"],
-        dependencies=auth,
-        responses=errors | NOT_FOUND | CONFLICT,
-    )
+    @app.post("/v1/answers", response_model=AnswerResponse, **answers)
     async def answer(body: AnswerRequest) -> AnswerResponse:
         """Answer questions from stored contexts or a raw text (greedy decoding)."""
         answers, ids, timings = await service.answer(body)
         return AnswerResponse(answers=answers, context_ids=ids, timings=timings)
 
-    @app.post(
-        "/v1/reconstructions",
-        response_model=ReconstructResponse,
-        tags=["answers"],
-        dependencies=auth,
-        responses=errors | NOT_FOUND | CONFLICT,
-    )
+    @app.post("/v1/reconstructions", response_model=ReconstructResponse, **answers)
     async def reconstruct(body: ReconstructRequest) -> ReconstructResponse:
         """Ask the decoder to restate a stored context from its soft tokens."""
         text, timings = await service.reconstruct(body.context_id)
@@ -236,19 +213,15 @@ def register(subparsers) -> None:
     p.add_argument("--store", default="./gmsa-store", help="directory of the compressed-context store")
     p.add_argument("--model", default=None, help="GMSA checkpoint directory (default: the shipped one)")
     p.add_argument("--backbone", default=None, help="load the backbone from this local directory instead")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_engine_args(p)
-    for option in setting_fields():
-        kind = float if isinstance(option.default, float) else int
-        help_text = f"{option.metadata['help']} (default: {option.default})"
-        p.add_argument("--" + option.name.replace("_", "-"), type=kind, default=option.default, help=help_text)
+    add_options(p, ServeSettings)
     p.set_defaults(func=cmd_serve)
 
 
-def _settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    values = {option.name: getattr(args, option.name) for option in setting_fields()}
-    return ServeSettings(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, **values)
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The server's settings from ``gmsa serve``'s options; the API key from the environment when not given."""
+    return from_args(ServeSettings, args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
 
 
 def _is_loopback(host: str) -> bool:
@@ -264,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args)
     if not settings.api_key and not _is_loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     try:

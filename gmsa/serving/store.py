@@ -27,8 +27,10 @@ import os
 import sqlite3
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ..api import file_sha256
 from ..compressed import Compressed, IncompatibleContextError
@@ -44,26 +46,7 @@ BLOB_DIR = "blobs"
 LOCK_NAME = ".lock"
 SCHEMA_VERSION = 1
 ID_HEX_CHARS = 32
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS contexts (
-    id TEXT PRIMARY KEY,
-    content_sha256 TEXT NOT NULL,
-    backbone TEXT NOT NULL,
-    backbone_fingerprint TEXT NOT NULL,
-    checkpoint_id TEXT NOT NULL,
-    gmsa_version TEXT NOT NULL,
-    rate INTEGER NOT NULL,
-    n_tokens INTEGER NOT NULL,
-    n_soft_tokens INTEGER NOT NULL,
-    hidden_size INTEGER NOT NULL,
-    dtype TEXT NOT NULL,
-    blob_sha256 TEXT NOT NULL,
-    blob_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    metadata TEXT NOT NULL
-)
-"""
+SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", dict: "TEXT"}  # a dict is stored as JSON text
 
 
 class StoreError(RuntimeError):
@@ -76,7 +59,11 @@ class StoreLockedError(StoreError):
 
 @dataclass
 class ContextRecord:
-    """Metadata of one stored compressed context (one row of the index)."""
+    """Metadata of one stored compressed context: one row of the index, and what the API shows of it.
+
+    These fields are the one list of the record: the SQL table (:func:`table_schema`) and the API's
+    ``ContextInfo`` (:mod:`gmsa.serving.schemas`) are made from them.
+    """
 
     id: str
     content_sha256: str
@@ -92,7 +79,7 @@ class ContextRecord:
     blob_sha256: str
     blob_bytes: int
     created_at: float
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -101,6 +88,20 @@ class ContextRecord:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"compression_ratio": round(self.compression_ratio, 4)}
+
+
+def record_types() -> dict[str, type]:
+    """Each field of :class:`ContextRecord` and its type (``dict[str, Any]`` for the metadata)."""
+    return typing.get_type_hints(ContextRecord)
+
+
+def table_schema() -> str:
+    """``CREATE TABLE`` of the index: a column per record field, the id the primary key."""
+    columns = []
+    for name, kind in record_types().items():
+        sql = SQL_TYPES[typing.get_origin(kind) or kind]
+        columns.append(f"{name} {sql} {'PRIMARY KEY' if name == 'id' else 'NOT NULL'}")
+    return "CREATE TABLE IF NOT EXISTS contexts (\n    " + ",\n    ".join(columns) + "\n)"
 
 
 def content_sha256(text: str) -> str:
@@ -169,7 +170,7 @@ class ContextStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.root} was written by a newer gmsa (store schema {version} > {SCHEMA_VERSION})")
         with self._transaction():
-            self._db.execute(_SCHEMA)
+            self._db.execute(table_schema())
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _remove_orphans(self) -> int:

@@ -222,3 +222,26 @@ def test_kill_9_mid_stream_leaves_a_consistent_store(tmp_path, kill_after=20):
             assert torch.equal(store.load(stored_id).soft_tokens[0], soft_tokens(i, 200 + i % 50))
         blobs = {p.name.removesuffix(".safetensors") for p in (root / "blobs").iterdir()}
         assert blobs == set(ids)
+
+
+# the index table as every store on disk has it (schema 1): (column, type, NOT NULL, primary key)
+COLUMNS = [("id", "TEXT", 0, 1), ("content_sha256", "TEXT", 1, 0), ("backbone", "TEXT", 1, 0)]
+COLUMNS += [(name, "TEXT", 1, 0) for name in ("backbone_fingerprint", "checkpoint_id", "gmsa_version")]
+COLUMNS += [(name, "INTEGER", 1, 0) for name in ("rate", "n_tokens", "n_soft_tokens", "hidden_size")]
+COLUMNS += [("dtype", "TEXT", 1, 0), ("blob_sha256", "TEXT", 1, 0), ("blob_bytes", "INTEGER", 1, 0)]
+COLUMNS += [("created_at", "REAL", 1, 0), ("metadata", "TEXT", 1, 0)]
+
+
+def test_the_record_fields_make_the_table_stores_on_disk_have(store, tmp_path):
+    with sqlite3.connect(tmp_path / "store" / INDEX_NAME) as index:
+        rows = index.execute("PRAGMA table_info(contexts)").fetchall()
+    assert [(name, kind, not_null, key) for _, name, kind, not_null, _, key in rows] == COLUMNS
+    record, _ = store.put("sha", one_context(), metadata={"k": 1})
+    assert store.get(record.id) == record
+
+
+def test_the_api_shows_every_field_of_the_record():
+    from gmsa.serving.schemas import ContextInfo
+    from gmsa.serving.store import record_types
+
+    assert list(ContextInfo.model_fields) == [*list(record_types())[:9], "compression_ratio", *list(record_types())[9:]]
