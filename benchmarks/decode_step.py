@@ -30,7 +30,8 @@ import torch
 
 from gmsa.backbone import load_backbone
 from gmsa.decoding import greedy_generate
-from gmsa.evaluation.bench import QUESTION, REPETITION_PENALTY, exact_length_text, read_passages
+from gmsa.evaluation.bench import QUESTION, REPETITION_PENALTY
+from gmsa.evaluation.passages import exact_length_text, read_passages
 from gmsa.fast_decode import int8_steps
 from gmsa.precision import cpu_has_native_bf16, cpu_model
 

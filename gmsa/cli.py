@@ -37,11 +37,12 @@ OWN = ("compress", "answer", "reconstruct", "export-decoder", "train", "demo")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` after an option's help unless the default is empty or the help names one."""
+    """Shows ``(default: X)`` after an option's help unless the default is empty, the option is a switch
+    (it takes no value), or the help names one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if action.default in (None, False, "", argparse.SUPPRESS) or action.nargs == 0 or "default" in text:
             return text
         return super()._get_help_string(action)
 

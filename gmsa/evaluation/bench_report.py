@@ -1,11 +1,48 @@
-"""Tables, markdown and plots of ``gmsa bench`` results (a results JSON in, text and figures out)."""
+"""What ``gmsa bench`` results say: the targets checked, tables, markdown and plots (a results JSON in)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .bench import CLOCKS, PHASES
+from .render import markdown_table, pyplot, save_figure
+from .timing import CLOCKS, PHASES
+
+
+def target_checks(rows: list[dict], length: int = 2048) -> list[dict]:
+    """The targets, on the measured rows at ``length`` tokens (and rate-4 fresh at 8192), per clock, against
+    the uncompressed prompt at its fastest dtype."""
+    checks = []
+
+    def add(name: str, row: dict, clock: str, value: float, threshold: float, about: bool = False) -> None:
+        met = abs(value - threshold) <= 0.1 * threshold if about else value >= threshold
+        checks.append(
+            {"target": name, "arm": row["arm"], "clock": clock, "measured": value, "threshold": threshold, "met": met}
+        )
+
+    for row in rows:
+        if row["length"] == 8192 and row["status"] == "ok" and row["rate"] == 4 and row["mode"] == "fresh":
+            for clock in CLOCKS:
+                if "speedup_e2e" in row[clock]:
+                    add("e2e speed-up >= 5x at 8192 tokens (rate 4, fresh)", row, clock, _e2e(row, clock), 5.0)
+        if row["length"] != length or row["status"] != "ok" or "kv_cache_ratio" not in row:
+            continue
+        rate, mode = row["rate"], row["mode"]
+        for clock in CLOCKS:
+            e2e, prefill = row[clock]["speedup_e2e"]["ratio_of_medians"], row[clock]["speedup_prefill"]
+            if rate == 4 and mode == "fresh":
+                add("e2e speed-up >= 3x (rate 4, fresh)", row, clock, e2e, 3.0)
+            if mode == "stored":
+                add(f"prefill speed-up >= 0.8 x rate {rate}", row, clock, prefill["ratio_of_medians"], 0.8 * rate)
+            if rate == 4 and mode == "stored":
+                add("e2e speed-up >= 3.5x (rate 4, stored)", row, clock, e2e, 3.5)
+        if mode == "stored":
+            add(f"KV-cache bytes ~ 1/rate {rate} (+-10%)", row, "-", row["kv_cache_ratio"], 1 / rate, about=True)
+    return checks
+
+
+def _e2e(row: dict, clock: str) -> float:
+    return row[clock]["speedup_e2e"]["ratio_of_medians"]
 
 
 def format_table(results: dict) -> str:
@@ -77,6 +114,25 @@ def write_results(results: dict, out: Path, plot: bool) -> None:
         plot_results(results, out.with_suffix(".png"))
 
 
+MAIN_COLUMNS = [
+    ("context", "r"),
+    ("arm", "l"),
+    ("wall e2e s", "r"),
+    ("CPU e2e s", "r"),
+    ("x e2e wall", "r"),
+    ("x e2e CPU", "r"),
+    ("vs (CPU)", "l"),
+    ("x prefill CPU", "r"),
+    ("compress tok/s (CPU)", "r"),
+    ("decode tok/s (CPU)", "r"),
+    ("KV MiB (ratio)", "r"),
+    ("peak MiB", "r"),
+    ("= fp32", "l"),
+]
+
+MAIN_ALIGN = "".join(align for _, align in MAIN_COLUMNS)
+
+
 def markdown_report(results: dict) -> str:
     """Markdown tables of a results JSON: all rows, the phase breakdown at 2k, the targets."""
     env = results["environment"]
@@ -93,27 +149,33 @@ def markdown_report(results: dict) -> str:
         "by median); CPU = this process's CPU time. `= fp32`: whether the greedy answer equals the fp32 path's "
         "(else leading tokens shared).",
         "",
-        "| context | arm | wall e2e s | CPU e2e s | x e2e wall | x e2e CPU | vs (CPU) | x prefill CPU "
-        "| compress tok/s (CPU) | decode tok/s (CPU) | KV MiB (ratio) | peak MiB | = fp32 |",
-        "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        markdown_table([name for name, _ in MAIN_COLUMNS], [_main_row(row) for row in results["rows"]], MAIN_ALIGN),
     ]
-    for row in results["rows"]:
-        if row["status"] != "ok":
-            lines.append(f"| {row['length']} | {row['arm']} | skipped: {row['reason']} |||||||||||")
-            continue
-        wall, cpu = row["wall"], row["cpu"]
-        ratio = f" ({row['kv_cache_ratio']:.3f})" if "kv_cache_ratio" in row else ""
-        flag = " (beyond trained window)" if row["beyond_trained_window"] else ""
-        lines.append(
-            f"| {row['length']} | {row['arm']}{flag} | {_spread(wall['e2e_s'])} | {_spread(cpu['e2e_s'])} "
-            f"| {_speedup(wall.get('speedup_e2e'))} | {_speedup(cpu.get('speedup_e2e'))} "
-            f"| {cpu.get('speedup_e2e', {}).get('against', '-')} "
-            f"| {_speedup(cpu.get('speedup_prefill'))} | {_fmt(cpu['compress_tokens_per_s'], 0, 0)} "
-            f"| {_fmt(cpu['decode_tokens_per_s'], 0, 1)} | {row['kv_cache_bytes'] / 2**20:.1f}{ratio} "
-            f"| {row['peak_memory_bytes'] / 2**20:.0f} | {_agreement(row)} |"
-        )
     lines += ["", *_breakdown_table(results["rows"]), "", *_targets_table(results["targets_2k"])]
     return "\n".join(lines) + "\n"
+
+
+def _main_row(row: dict) -> list[str]:
+    if row["status"] != "ok":
+        return [row["length"], row["arm"], f"skipped: {row['reason']}"] + [""] * (len(MAIN_COLUMNS) - 3)
+    wall, cpu = row["wall"], row["cpu"]
+    ratio = f" ({row['kv_cache_ratio']:.3f})" if "kv_cache_ratio" in row else ""
+    flag = " (beyond trained window)" if row["beyond_trained_window"] else ""
+    return [
+        row["length"],
+        row["arm"] + flag,
+        _spread(wall["e2e_s"]),
+        _spread(cpu["e2e_s"]),
+        _speedup(wall.get("speedup_e2e")),
+        _speedup(cpu.get("speedup_e2e")),
+        cpu.get("speedup_e2e", {}).get("against", "-"),
+        _speedup(cpu.get("speedup_prefill")),
+        _fmt(cpu["compress_tokens_per_s"], 0, 0),
+        _fmt(cpu["decode_tokens_per_s"], 0, 1),
+        f"{row['kv_cache_bytes'] / 2**20:.1f}{ratio}",
+        f"{row['peak_memory_bytes'] / 2**20:.0f}",
+        _agreement(row),
+    ]
 
 
 def _loads(env: dict, when: str) -> str:
@@ -136,45 +198,38 @@ def _breakdown_table(rows: list[dict], length: int = 2048) -> list[str]:
     mine = [row for row in rows if row["length"] == length and row["status"] == "ok"]
     if not mine:
         return []
-    lines = [
-        f"Where the time goes at {length} context tokens (median CPU seconds per phase):",
-        "",
-        "| arm | " + " | ".join(PHASES) + " | total |",
-        "|---|" + "---:|" * (len(PHASES) + 1),
-    ]
+    table = []
     for row in mine:
         phases = row["cpu"]["phases_s"]
-        cells = " | ".join(f"{phases[name]:.2f}" if name in phases else "-" for name in PHASES)
-        lines.append(f"| {row['arm']} | {cells} | {sum(phases.values()):.2f} |")
-    return lines
+        cells = [f"{phases[name]:.2f}" if name in phases else "-" for name in PHASES]
+        table.append([row["arm"], *cells, f"{sum(phases.values()):.2f}"])
+    title = f"Where the time goes at {length} context tokens (median CPU seconds per phase):"
+    return [title, "", markdown_table(["arm", *PHASES, "total"], table, "l" + "r" * (len(PHASES) + 1))]
 
 
 def _targets_table(checks: list[dict]) -> list[str]:
     if not checks:
         return []
-    lines = [
-        "Targets (2048 tokens unless named; against the uncompressed prompt at its fastest dtype):",
-        "",
-        "| target | arm | clock | measured | threshold | met |",
-        "|---|---|---|---:|---:|---|",
+    header = ["target", "arm", "clock", "measured", "threshold", "met"]
+    table = [
+        [
+            c["target"],
+            c["arm"],
+            c["clock"],
+            f"{c['measured']:.3f}",
+            f"{c['threshold']:.3f}",
+            "yes" if c["met"] else "no",
+        ]
+        for c in checks
     ]
-    for c in checks:
-        lines.append(
-            f"| {c['target']} | {c['arm']} | {c['clock']} | {c['measured']:.3f} | {c['threshold']:.3f} "
-            f"| {'yes' if c['met'] else 'no'} |"
-        )
-    return lines
+    title = "Targets (2048 tokens unless named; against the uncompressed prompt at its fastest dtype):"
+    return [title, "", markdown_table(header, table, "lllrrl")]
 
 
 def plot_results(results: dict, path: Path) -> None:
     """Latency vs context length by clock (left, middle) and the phase breakdown at one length (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [row for row in results["rows"] if row["status"] == "ok"]
-    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
+    fig, axes = pyplot().subplots(1, 3, figsize=(19, 5.5))
     for axis, clock in zip(axes, CLOCKS):
         _plot_latency(axis, rows, clock)
     _plot_breakdown(axes[2], rows, "cpu")
@@ -184,9 +239,7 @@ def plot_results(results: dict, path: Path) -> None:
         f"{env['new_tokens']} new tokens, {env['repeats']} repeats. {env['note'][:110]}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_latency(axis, rows: list[dict], clock: str) -> None:

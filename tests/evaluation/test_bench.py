@@ -144,20 +144,6 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-PARTS = ("total", "prefill", "decode")
-
-
-def test_fixes_mode_times_old_and_new_code(checkpoint, passages, tmp_path):
-    options = settings(checkpoint, passages, tmp_path, lengths=[40], fixes=True, out=str(tmp_path / "fixes.json"))
-    results = run_bench(options, log=lambda line: None)
-    names = {f"{g}:{part}" for g in ("generate_transformers", "generate_reserved_cache") for part in PARTS}
-    names |= {"encode_lora:total", "encode_merged_lora:total"}
-    assert set(results["seconds"]["wall"]) == set(results["seconds"]["cpu"]) == names
-    assert all(len(value["runs"]) == 2 for value in results["seconds"]["wall"].values())
-    assert all(len(results["speedup_old_over_new"][clock]) == 4 for clock in ("wall", "cpu"))
-    assert json.loads((tmp_path / "fixes.json").read_text())["speedup_old_over_new"]
-
-
 def test_from_json_rewrites_the_markdown_summary(checkpoint, passages, tmp_path, capsys):
     run_bench(settings(checkpoint, passages, tmp_path, lengths=[20], rates=[4], repeats=1), log=lambda line: None)
     out = tmp_path / "out" / "bench.json"
