@@ -77,15 +77,19 @@ def compare(runs: dict[str, str | Path], out: str | Path, val_key: str = "val_lo
     fig.savefig(out, dpi=110)
 
 
-def main(argv: list[str]) -> None:
-    if argv and argv[0] == "--compare":
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--compare" and len(argv) >= 3:
         *pairs, out = argv[1:]
         keys = [p.split("=", 1)[1] for p in pairs if p.startswith("--val-key=")]
         runs = dict(p.split("=", 1) for p in pairs if not p.startswith("--val-key="))
         compare(runs, out, *keys[-1:])
-    else:
+    elif len(argv) == 2 and argv[0] != "--compare":
         plot(argv[0], argv[1])
+    else:
+        print(__doc__.strip().split("\n\n", 1)[1], file=sys.stderr)  # the usage lines
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

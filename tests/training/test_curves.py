@@ -29,7 +29,13 @@ def test_smooth_is_a_trailing_mean():
 def test_single_run_and_comparison_plots_are_written(tmp_path):
     a = write_metrics(tmp_path / "a.jsonl", [4.0, 3.5, 3.2, 3.0])
     b = write_metrics(tmp_path / "b.jsonl", [4.0, 3.9, 3.8, 3.7])
-    main([str(a), str(tmp_path / "one.png")])
-    main(["--compare", f"gmsa={a}", f"linear={b}", "--val-key=val_loss_x4", str(tmp_path / "both.png")])
+    assert main([str(a), str(tmp_path / "one.png")]) == 0
+    assert main(["--compare", f"gmsa={a}", f"linear={b}", "--val-key=val_loss_x4", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "one.png").stat().st_size > 1000
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv", [[], ["only-one.jsonl"], ["--compare", "out.png"]])
+def test_wrong_arguments_print_the_usage(argv, capsys):
+    assert main(argv) == 2
+    assert "python -m gmsa.training.curves" in capsys.readouterr().err
