@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gmsa import GMSA, BackboneNotFoundError, CheckpointError, Compressed, IncompatibleContextError
-from gmsa.api import MANIFEST_NAME, WEIGHTS_NAME
+from gmsa.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city."]
 
