@@ -16,10 +16,9 @@ from .checkpoint import check_backbone, load_trained, read_checkpoint, write_che
 from .chunking import check_window, length_sorted_batches, plan_windows, soft_tokens_to_drop
 from .compressed import Compressed
 from .config import GMSAConfig
-from .data import pad
 from .decoding import drain, greedy_texts
 from .merge import check_rate
-from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
+from .model import GMSAModel, Packed, autoencoder_decoder, pad, trained_state_dict
 from .precision import DtypeChoice, log_choice, resolve_dtype
 
 if TYPE_CHECKING:

@@ -184,6 +184,17 @@ class Packed:
     lengths: torch.Tensor  # (B,)
 
 
+def pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into ``(B, T)`` ids and mask."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
 def pack(pieces: list[list[torch.Tensor]], left_pad: bool = False) -> Packed:
     """Concatenate each sample's ``(n_k, H)`` pieces and pad the batch to one length."""
     rows = [torch.cat(parts, dim=0) for parts in pieces]

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from gmsa import GMSA, GMSAConfig
-from gmsa.data import pad
 from gmsa.merge import MeanPooling, MemoryTokens
-from gmsa.model import set_stage, trained_state_dict
+from gmsa.model import pad, set_stage, trained_state_dict
 from gmsa.train import TrainConfig
 
 TEXTS = ["Paris is the capital of France and its largest city.", "The quick brown fox jumps over the lazy dog."]
