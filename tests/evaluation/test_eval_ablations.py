@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gmsa import GMSA, GMSAConfig
-from gmsa.merge import MeanPooling, MemoryTokens
+from gmsa.merge import MeanPooling
 from gmsa.model import pad, set_stage, trained_state_dict
 from gmsa.train import TrainConfig
 
@@ -88,15 +88,6 @@ def test_memory_is_trained_in_the_ae_stage_and_saved(memory_gmsa, tmp_path):
 def test_mean_models_have_no_memory_table(tiny_gmsa):
     assert isinstance(tiny_gmsa.model.merger, MeanPooling) and not list(tiny_gmsa.model.merger.parameters())
     assert not any(key.startswith("memory.") for key in trained_state_dict(tiny_gmsa.model))
-
-
-def test_memory_table_too_small_is_an_error(tiny_gmsa):
-    table = MemoryTokens(tiny_gmsa.model.decoder, max_slots=2)
-    embeds = torch.zeros(1, 9, tiny_gmsa.model.hidden_size)
-    with pytest.raises(ValueError, match="needs 3 memory tokens, the table has 2"):
-        table(tiny_gmsa.model.encoder, embeds, torch.ones(1, 9), 4)
-    with pytest.raises(ValueError, match="max_slots must be >= 1"):
-        MemoryTokens(tiny_gmsa.model.decoder, max_slots=0)
 
 
 @pytest.mark.parametrize("lsa_init", ["random", "linear"])
