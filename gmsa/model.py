@@ -210,7 +210,7 @@ def pack(pieces: list[list[torch.Tensor]], left_pad: bool = False) -> Packed:
 
 
 class GMSAModel(nn.Module):
-    """Encoder + group merging + LSA around a decoder that is loaded once and kept frozen."""
+    """Encoder + merger (group merging, see ``gmsa.merge``) + LSA around a decoder loaded once and kept frozen."""
 
     def __init__(self, decoder: PreTrainedModel, config: GMSAConfig):
         super().__init__()
