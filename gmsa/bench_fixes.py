@@ -50,7 +50,7 @@ def fix_variants(gmsa, text: str, settings: BenchSettings) -> dict[str, Callable
             decoder, packed.inputs_embeds, packed.attention_mask, n_new, REPETITION_PENALTY
         ),
         "encode_lora": lambda: gmsa.model.compress(ids, mask, settings.rates[0]),
-        "encode_merged_lora": lambda: gmsa._soft_tokens(ids, mask, settings.rates[0]),
+        "encode_merged_lora": lambda: gmsa.model.compress(ids, mask, settings.rates[0], gmsa.inference_encoder()),
     }
 
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .api import file_sha256
+from .checkpoint import file_sha256
 from .compressed import Compressed, IncompatibleContextError
 
 try:

@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed, resume
-from .api import GMSA, load_trained
+from .api import GMSA
+from .checkpoint import load_trained
 from .config import GMSAConfig, ae_prompt_text
 from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl, subsample_sources
 from .evaluation.information import soft_token_information
@@ -334,7 +335,7 @@ class Trainer:
         if source is None:
             return False
         state = resume.read(source)
-        load_trained(self.model, state.trained, state.source)
+        load_trained(self.model, state.trained, state.source, place=distributed.shard_like)
         if self.probe is not None and state.probe is not None:
             ours = self.probe.state_dict()
             self.probe.load_state_dict({k: distributed.shard_like(v, ours[k]) for k, v in state.probe.items()})
