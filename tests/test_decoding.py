@@ -14,7 +14,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital o
 def left_padded_prompt(gmsa):
     """Decoder inputs ``[soft tokens; question]`` for two contexts of different lengths."""
     compressed = gmsa.compress([TEXTS[0], TEXTS[1] + " " + TEXTS[0]], rate=2)
-    return gmsa._decoder_prompt(compressed, QUESTIONS)
+    return gmsa.decoder_prompt(compressed, QUESTIONS)
 
 
 def hf_generate(gmsa, packed, max_new_tokens, penalty, eos):
@@ -33,7 +33,7 @@ def hf_generate(gmsa, packed, max_new_tokens, penalty, eos):
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_matches_transformers_generate_on_one_prompt(backbone_dir, qwen_dir, make_gmsa, family, penalty):
     gmsa = make_gmsa(backbone_dir if family == "llama" else qwen_dir)
-    packed = gmsa._decoder_prompt(gmsa.compress(TEXTS[1], rate=2), QUESTIONS[:1])
+    packed = gmsa.decoder_prompt(gmsa.compress(TEXTS[1], rate=2), QUESTIONS[:1])
     ours, _ = greedy_generate(gmsa.model.decoder, packed.inputs_embeds, packed.attention_mask, 12, penalty)
     assert ours.shape == (1, 12)
     assert torch.equal(ours, hf_generate(gmsa, packed, 12, penalty, None))
@@ -42,12 +42,12 @@ def test_matches_transformers_generate_on_one_prompt(backbone_dir, qwen_dir, mak
 def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_gmsa):
     # (transformers 5.23's generate does not give this for left-padded inputs_embeds on SmolLM2)
     compressed = tiny_gmsa.compress([TEXTS[0], TEXTS[1] + " " + TEXTS[0]], rate=2)
-    packed = tiny_gmsa._decoder_prompt(compressed, QUESTIONS)
+    packed = tiny_gmsa.decoder_prompt(compressed, QUESTIONS)
     assert packed.attention_mask[:, 0].tolist() == [0, 1]  # the first sample is left-padded
     decoder = tiny_gmsa.model.decoder
     batched, _ = greedy_generate(decoder, packed.inputs_embeds, packed.attention_mask, 10, 1.3)
     for i in range(2):
-        alone = tiny_gmsa._decoder_prompt(compressed[i], QUESTIONS[i : i + 1])
+        alone = tiny_gmsa.decoder_prompt(compressed[i], QUESTIONS[i : i + 1])
         single, _ = greedy_generate(decoder, alone.inputs_embeds, alone.attention_mask, 10, 1.3)
         assert torch.equal(batched[i : i + 1], single)
 
@@ -137,7 +137,7 @@ def test_a_streamer_gets_every_token_then_the_end(tiny_gmsa):
             self.ended += 1
 
     compressed = tiny_gmsa.compress(TEXTS[1], rate=2)
-    packed = tiny_gmsa._decoder_prompt(compressed, QUESTIONS[:1])
+    packed = tiny_gmsa.decoder_prompt(compressed, QUESTIONS[:1])
     recorder = Recorder()
     ids, _ = greedy_generate(tiny_gmsa.model.decoder, packed.inputs_embeds, packed.attention_mask, 7, streamer=recorder)
     assert recorder.tokens == ids[0].tolist() and recorder.ended == 1

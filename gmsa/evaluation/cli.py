@@ -42,6 +42,9 @@ def _common_args(parser: argparse.ArgumentParser, data: str, rates: list[int]) -
     parser.add_argument("--rates", type=positive_int, nargs="+", default=rates, help="compression rates")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded sample of N examples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of untrained models")
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="keep only contexts of at most N backbone tokens"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device for every model, e.g. cuda (default: cpu)")
@@ -104,12 +107,13 @@ def _load_sample(args: argparse.Namespace, task: str, models: list) -> tuple[lis
 
     examples, skipped = load_examples(args.data, task, models[0][2].tokenizer)
     window = min(gmsa.config.max_context_tokens for _, _, gmsa in models)
-    fitting = [e for e in examples if e.n_tokens <= window]
+    longest = min(window, args.max_tokens or window)
+    fitting = [e for e in examples if e.n_tokens <= longest]
     if not fitting:
-        raise ValueError(f"no context of {args.data} fits the encoder window of {window} tokens")
+        raise ValueError(f"no context of {args.data} has at most {longest} tokens (encoder window {window})")
     notes = [f"skipped {len(skipped)} unusable rows, e.g. {skipped[0]}"] if skipped else []
     if len(fitting) < len(examples):
-        notes.append(f"{len(examples) - len(fitting)} of {len(examples)} contexts exceed the {window}-token window")
+        notes.append(f"{len(examples) - len(fitting)} of {len(examples)} contexts exceed {longest} tokens")
     group = (lambda e: e.bucket) if task == "reconstruct" else (lambda e: e.source)
     torch.manual_seed(args.seed)
     return select_examples(fitting, args.limit, args.seed, group), notes
@@ -130,6 +134,7 @@ def _payload(args: argparse.Namespace, task: str, models, examples, results, not
         "task": task,
         "data": str(args.data),
         "limit": args.limit,
+        "max_tokens": args.max_tokens,
         "seed": args.seed,
         "n_examples": len(examples),
         "rates": list(args.rates),

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..api import file_sha256
+from ..checkpoint import file_sha256
 from ..compressed import Compressed, IncompatibleContextError
 
 try:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..model import pad
+
 
 @dataclass
 class Example:
@@ -71,17 +73,6 @@ def qa_examples(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_tokens
     answers = _tokenize(tokenizer, [str(row["answers"][0]) for row in rows])
     eos = tokenizer.eos_token_id
     return [Example(c, q, a + [eos]) for c, q, a in zip(contexts, questions, answers) if 0 < len(c) <= max_tokens and q]
-
-
-def pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into ``(B, T)`` ids and mask."""
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
-    return ids, mask
 
 
 def collate(examples: list[Example], rates: list[int], pad_id: int) -> dict[str, torch.Tensor]:

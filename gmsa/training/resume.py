@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..api import WEIGHTS_NAME, file_sha256
+from ..checkpoint import WEIGHTS_NAME, file_sha256
 from ..model import AE_ADAPTER
 
 FORMAT = 1

@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..api import GMSA, load_trained
+from ..api import GMSA
+from ..checkpoint import load_trained
 from ..config import ae_prompt_text
 from ..evaluation.information import soft_token_information
 from ..evaluation.metrics import bleu
@@ -222,7 +223,7 @@ class Trainer:
         if source is None:
             return False
         state = resume.read(source)
-        load_trained(self.model, state.trained, state.source)
+        load_trained(self.model, state.trained, state.source, place=distributed.shard_like)
         if self.probe is not None and state.probe is not None:
             ours = self.probe.state_dict()
             self.probe.load_state_dict({k: distributed.shard_like(v, ours[k]) for k, v in state.probe.items()})

@@ -127,6 +127,20 @@ def test_reconstruct_compares_models_by_length_bucket(eval_env, backbone_dir, ae
     assert "BLEU by passage length" in (eval_env / "ae" / "results.md").read_text()
 
 
+def test_max_tokens_keeps_only_short_contexts(eval_env, backbone_dir, qa_data):
+    argv = ["eval", "qa", "--backbone", str(backbone_dir), "--data", str(qa_data), "--model", "untrained:k_enc=2"]
+    argv += ["--baselines", "--max-new-tokens", "2", "--out", str(eval_env / "out")]
+    assert main(argv) == 0
+    every = json.loads((eval_env / "out" / "results.json").read_text())["n_examples"]
+    tokens = sorted({row["n_tokens"] for row in _read_jsonl(eval_env / "out" / "predictions.jsonl")})
+    assert len(tokens) > 1, "the fixture needs contexts of different lengths"
+    assert main(argv + ["--max-tokens", str(tokens[0])]) == 0
+    payload = json.loads((eval_env / "out" / "results.json").read_text())
+    assert payload["max_tokens"] == tokens[0]
+    assert 1 <= payload["n_examples"] < every
+    assert all(row["n_tokens"] <= tokens[0] for row in _read_jsonl(eval_env / "out" / "predictions.jsonl"))
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
