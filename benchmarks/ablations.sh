@@ -45,7 +45,7 @@ run keft-without-ae keft --config configs/keft.toml $keft_budget init='""' k_enc
   --model "no-group-merging=$RUNS/no-group-merging/model" \
   --model "lsa-linear=$RUNS/lsa-linear/model" \
   --model "lsa-random=$RUNS/lsa-random/model"
-.venv/bin/python -m gmsa.train_curves --compare "gmsa=$RUNS/gmsa/metrics.jsonl" \
+.venv/bin/python -m gmsa.training.curves --compare "gmsa=$RUNS/gmsa/metrics.jsonl" \
   "no-group-merging=$RUNS/no-group-merging/metrics.jsonl" "lsa-linear=$RUNS/lsa-linear/metrics.jsonl" \
   "lsa-random=$RUNS/lsa-random/metrics.jsonl" "$REPORTS/ablations-ae-loss.png"
 

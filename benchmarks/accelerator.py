@@ -7,7 +7,7 @@ Called by benchmarks/accelerator.sh once the payload is open (docs/accelerator.m
 
 The recipe is configs/ae.toml and configs/keft.toml; only what the machine changes is overridden
 here (paths, bf16, batch size, step count from a measured step time, evaluation cadence). Outputs:
-``$OUT/checkpoint.part-NN`` + ``$OUT/checkpoint.json`` (``python -m gmsa.transport unpack`` turns them
+``$OUT/checkpoint.part-NN`` + ``$OUT/checkpoint.json`` (``python -m gmsa.training.transport unpack`` turns them
 into ``ae/``, ``keft/`` and ``eval/``; ``keft/model`` loads with ``GMSA.from_pretrained``) and
 ``$OUT/results.json``.
 """
@@ -81,7 +81,7 @@ def check(dry_run: bool, early: bool = False) -> dict:
 # ------------------------------------------------------------------------ training
 def stage_config(stage: str, payload: Path, work: Path, args: argparse.Namespace):
     """The recipe's TrainConfig with only the machine-specific fields replaced."""
-    from gmsa.train import TrainConfig
+    from gmsa.training.config import TrainConfig
 
     task = "ae" if stage == "ae" else "qa"
     cfg = TrainConfig.from_sources([str(REPO / "configs" / f"{stage}.toml")], getattr(args, f"{stage}_set"))
@@ -117,7 +117,7 @@ def planned_steps(cfg, done: int, step_s: float, cap0: int, seconds: float) -> i
 
 def train_stage(stage: str, payload: Path, work: Path, args: argparse.Namespace, seconds: float) -> dict:
     """Calibrate the step time, size max_steps to the budget (the cosine schedule ends in time), train."""
-    from gmsa.train import Trainer
+    from gmsa.training.trainer import Trainer
 
     began = time.time()
     cfg = stage_config(stage, payload, work, args)
@@ -206,7 +206,7 @@ def collect(work: Path, results: dict) -> Path:
 
 
 def write_out(bundle: Path, out: Path) -> dict:
-    from gmsa import transport
+    from gmsa.training import transport
 
     manifest = transport.pack(bundle, out, "checkpoint", int(PART_MIB * transport.MIB))
     if len(manifest["parts"]) > MAX_PARTS:

@@ -7,7 +7,7 @@
 #                      versions (fails fast) and stashes its part; the call with the last part opens the payload,
 #                      installs the missing wheels, trains AE then KEFT in bf16, evaluates on the test split and
 #                      writes checkpoint.part-NN + checkpoint.json + results.json + log.txt to $OUT
-#   here, after:       python -m gmsa.transport unpack <files_at>/checkpoint.json runs/accelerator
+#   here, after:       python -m gmsa.training.transport unpack <files_at>/checkpoint.json runs/accelerator
 #   here, on the CPU:  OUT=$(mktemp -d) bash benchmarks/accelerator.sh --dry-run   # the same, tiny, in minutes
 set -euo pipefail
 main() {
@@ -88,8 +88,8 @@ export PYTHONPATH=$REPO:$site${PYTHONPATH:+:$PYTHONPATH}
 # GMSA_CACHE stays ~/.cache/gmsa: the backbone fingerprint hashes the converted backbone's path (as root: /root/...)
 "$PY" benchmarks/accelerator.py check "${dry[@]}"
 if ((smoke)); then  # a tiny AE + KEFT run on a random backbone: an API difference fails here, in seconds
-  "$PY" -m pytest -q -x -p no:cacheprovider tests/test_train.py::test_keft_from_ae_checkpoint_trains_only_the_decoder \
-    tests/test_resume.py::test_fresh_clone_resumes_from_committed_weights_without_writing_there
+  "$PY" -m pytest -q -x -p no:cacheprovider tests/training/test_train.py::test_keft_from_ae_checkpoint_trains_only_the_decoder \
+    tests/training/test_resume.py::test_fresh_clone_resumes_from_committed_weights_without_writing_there
 fi
 "$PY" benchmarks/accelerator.py train --payload "$payload" --work "$STASH/work" --out "$OUT" "${dry[@]}" "${extra[@]}"
 }

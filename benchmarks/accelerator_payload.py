@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gmsa_transport", REPO / "gmsa" / "transport.py")
+spec = importlib.util.spec_from_file_location("gmsa_transport", REPO / "gmsa" / "training" / "transport.py")
 transport = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(transport)  # by path: importing the gmsa package needs torch and transformers
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A second venv with the accelerator image's transformers (5.17) and huggingface-hub (1.33) over the project's
-# venv, for tests/test_compat.py (docs/accelerator.md, "A venv with torch 2.11 / transformers 5.17").
+# venv, for tests/training/test_compat.py (docs/accelerator.md, "A venv with torch 2.11 / transformers 5.17").
 #   bash benchmarks/compat_venv.sh [BASE_VENV]        # default BASE_VENV: .venv; writes .venv-compat (git-ignored)
-#   GMSA_COMPAT_PYTHON=.venv-compat/bin/python python -m pytest -q tests/test_compat.py
+#   GMSA_COMPAT_PYTHON=.venv-compat/bin/python python -m pytest -q tests/training/test_compat.py
 # torch stays the base venv's CPU build: the registries here serve no CPU build of torch 2.11 (PyPI's Linux
 # wheel of 2.11 is the CUDA one, ~0.9 GB plus several GB of nvidia-* dependencies).
 set -euo pipefail

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gmsa import GMSA
-from gmsa.bench import exact_length_text, read_passages
+from gmsa.evaluation.passages import exact_length_text, read_passages
 from gmsa.precision import cpu_has_native_bf16, cpu_model
 
 CASES = {  # name: (number of texts, tokens per text)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from gmsa import GMSA
+from gmsa.evaluation.metrics import token_f1
 from gmsa.fast_decode import FastDecoder
-from gmsa.metrics import token_f1
 
 PATHS = {  # name: (dtype, merge LoRA, int8 steps)
     "fp32": ("float32", False, "off"),

@@ -33,8 +33,9 @@ import torch
 
 from gmsa import GMSA
 from gmsa.backbone import load_backbone
-from gmsa.bench import QUESTION, REPETITION_PENALTY, exact_length_text, read_passages
 from gmsa.decoding import greedy_generate
+from gmsa.evaluation.bench import QUESTION, REPETITION_PENALTY
+from gmsa.evaluation.passages import exact_length_text, read_passages
 from gmsa.fast_decode import FastDecoder
 from gmsa.precision import cpu_has_native_bf16, cpu_model
 

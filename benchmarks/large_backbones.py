@@ -2,9 +2,9 @@
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/large_backbones.py
 
-For each backbone of ``gmsa.shapes.REAL_CONFIGS``:
+For each backbone of ``gmsa.training.shapes.REAL_CONFIGS``:
   (a) builds the full-depth GMSA model with the paper's settings on the ``meta`` device (no memory)
-      and checks its exact parameter counts against ``gmsa.shapes.count_params``;
+      and checks its exact parameter counts against ``gmsa.training.shapes.count_params``;
   (b) estimates memory per GPU for the paper's setup (2 x A100-80GB, bf16, ZeRO-2, gradient
       checkpointing, AE batch 4 x 512 tokens, KEFT batch 16 x 3072 tokens);
   (c) in a child process, saves a DEPTH-REDUCED copy (real widths, heads and vocabulary; only
@@ -33,9 +33,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gmsa import GMSA, GMSAConfig
-from gmsa.data import autoencoder_examples, collate, qa_examples
 from gmsa.model import GMSAModel, set_stage
-from gmsa.shapes import (
+from gmsa.training.data import autoencoder_examples, collate, qa_examples
+from gmsa.training.shapes import (
     PAPER_AE,
     PAPER_GMSA,
     PAPER_KEFT,
@@ -52,6 +52,7 @@ from tests.conftest import CORPUS, tiny_tokenizer  # noqa: E402  (reused, not co
 
 GIB = 2**30
 RUN_GMSA = {"k_enc": 2, "k_lsa": 1, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_context_tokens": 64}
+RUN_GMSA |= {"ae_decoder_lora_r": 0, "decoder_lora_r": 16, "lsa_match_embedding_scale": True}  # the paper's decoder
 TEXT = " ".join(CORPUS[:4])  # 43 tokens of the tiny word-level tokenizer
 QUESTION, ANSWER = "What is the capital of France?", "Paris"
 

@@ -182,8 +182,10 @@ def untrained_checkpoint(k_enc: int, directory: Path) -> Path:
     """Write an untrained GMSA on the default backbone as a checkpoint directory (once)."""
     if not (directory / "model.safetensors").is_file():
         from gmsa import GMSA, GMSAConfig
+        from gmsa.evaluation.common import UNTRAINED_DEFAULTS
 
-        GMSA.from_backbone("default", GMSAConfig(k_enc=k_enc)).save_pretrained(directory)
+        config = GMSAConfig(**(UNTRAINED_DEFAULTS | {"k_enc": k_enc}))
+        GMSA.from_backbone("default", config).save_pretrained(directory)
     return directory
 
 
@@ -236,7 +238,7 @@ def check_via_api(url: str, stored: dict[str, dict], headers: dict) -> list[str]
 
 def check_store(store: Path, stored: dict[str, dict]) -> dict:
     """Open the store after the server stopped: checksums of every blob, SQLite integrity, ids present."""
-    from gmsa.store import ContextStore
+    from gmsa.serving.store import ContextStore
 
     with ContextStore(store) as opened:
         problems = opened.verify()

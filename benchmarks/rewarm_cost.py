@@ -26,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gmsa import resume  # noqa: E402
-from gmsa.train import TrainConfig, Trainer  # noqa: E402
+from gmsa.training import resume  # noqa: E402
+from gmsa.training.config import TrainConfig  # noqa: E402
+from gmsa.training.trainer import Trainer  # noqa: E402
 
 REWARMS = (0, 5, 20, 50)  # --rewarms to choose
 
@@ -66,10 +67,12 @@ def config(args, backbone: str, data: str, out: Path, **overrides) -> TrainConfi
         max_tokens=64,
         threads=1,
         seed=args.seed,
+        ae_decoder_lora=0,  # the paper's frozen decoder, as when this benchmark was written
+        lsa_match_embedding_scale=True,
     )
     if backbone == "default":
         values |= dict(k_enc=4, lora_r=32, lora_alpha=32, rates=[4, 8], batch_size=4, lr=1e-3, max_tokens=128)
-    return TrainConfig(**(values | overrides))
+    return TrainConfig.from_dict(values | overrides)
 
 
 def recipe_config(args, out: Path, **overrides) -> TrainConfig:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from gmsa.data import autoencoder_examples, read_jsonl
 from gmsa.evaluation.common import ModelSpec, load_model, unique_labels
 from gmsa.evaluation.information import soft_token_information
-from gmsa.metrics import bleu
+from gmsa.evaluation.metrics import bleu
 from gmsa.model import autoencoder_decoder
+from gmsa.training.data import autoencoder_examples, read_jsonl
 
 
 def parse_args() -> argparse.Namespace:

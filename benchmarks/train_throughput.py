@@ -22,9 +22,9 @@ import torch
 
 from gmsa.backbone import load_backbone
 from gmsa.config import GMSAConfig
-from gmsa.data import autoencoder_examples, collate, read_jsonl
 from gmsa.model import GMSAModel, set_stage
 from gmsa.precision import cpu_model, hold_frozen_in, resolve_dtype
+from gmsa.training.data import autoencoder_examples, collate, read_jsonl
 
 CONFIGS = [
     {"precision": "fp32", "k_enc": 4, "ae_decoder_lora": 16, "ckpt": False},

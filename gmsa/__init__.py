@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .api import GMSA, CheckpointError
+    from .api import GMSA
     from .backbone import BackboneNotFoundError
+    from .checkpoint import CheckpointError
     from .compressed import Compressed, IncompatibleContextError
     from .config import GMSAConfig
 
 _HOMES = {
     "GMSA": "api",
-    "CheckpointError": "api",
+    "CheckpointError": "checkpoint",
     "BackboneNotFoundError": "backbone",
     "Compressed": "compressed",
     "IncompatibleContextError": "compressed",

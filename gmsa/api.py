@@ -2,56 +2,28 @@
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Generator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .backbone import fingerprint, load_backbone
+from .checkpoint import check_backbone, load_trained, read_checkpoint, write_checkpoint
 from .chunking import check_window, length_sorted_batches, plan_windows, soft_tokens_to_drop
 from .compressed import Compressed
 from .config import GMSAConfig
-from .data import pad
 from .decoding import drain, greedy_texts
-from .distributed import shard_like
 from .fast_decode import FastDecoder
-from .merge import group_merge
-from .model import GMSAModel, Packed, autoencoder_decoder, trained_state_dict
+from .merge import check_rate
+from .model import GMSAModel, Packed, autoencoder_decoder, pad, trained_state_dict
 from .precision import DtypeChoice, log_choice, resolve_dtype
-from .version import __version__
 
 if TYPE_CHECKING:
     from .engines import Engine
-
-WEIGHTS_NAME = "model.safetensors"
-MANIFEST_NAME = "manifest.json"
-DEFAULT_CHECKPOINT = Path(__file__).parent / "pretrained" / "gmsa-smollm2-135m"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or belongs to another backbone."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _as_text_list(texts: str | list[str], what: str) -> list[str]:
@@ -64,14 +36,6 @@ def _as_text_list(texts: str | list[str], what: str) -> list[str]:
         if not item.strip():
             raise ValueError(f"{what}[{i}] is empty or whitespace")
     return list(items)
-
-
-def _check_rate(rate: object) -> int:
-    if isinstance(rate, bool) or not isinstance(rate, int):
-        raise TypeError(f"rate must be an integer >= 1, got {rate!r}")
-    if rate < 1:
-        raise ValueError(f"rate must be an integer >= 1, got {rate}")
-    return rate
 
 
 class GMSA:
@@ -97,7 +61,6 @@ class GMSA:
         self.checkpoint_id = checkpoint_id
         self.dtype_choice = dtype  # None: run in the dtype the model was built in
         self._prompt_cache: dict[str, list[int]] = {}
-        self._merged_encoder: tuple[tuple, nn.Module] | None = None
         self.engine: Engine | None = None  # None: decode with self.model.decoder in this process
         self.fast_decoder = FastDecoder()  # in-process decoding: LoRA merged, int8 steps where they pay
 
@@ -169,22 +132,12 @@ class GMSA:
         weights: their fingerprint is checked). ``dtype``: as for :meth:`from_backbone`; the
         trained weights are loaded in full precision and cast with the rest of the model.
         """
-        directory = Path(path) if path is not None else DEFAULT_CHECKPOINT
-        if not (directory / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"no GMSA checkpoint at {directory} (expected {WEIGHTS_NAME} and gmsa_config.json)")
-        config = GMSAConfig.load(directory)
-        weights = _verified_weights(directory)
-        decoder, tokenizer, choice = _load_decoder(backbone or config.backbone, dtype, device)
-        actual = fingerprint(decoder)
-        if config.backbone_fingerprint and actual != config.backbone_fingerprint:
-            raise CheckpointError(
-                f"{directory} was trained on backbone {config.backbone!r} with fingerprint "
-                f"{config.backbone_fingerprint}, but the loaded backbone has fingerprint {actual}"
-            )
-        model = GMSAModel(decoder, config)
-        load_trained(model, weights, directory)
-        checkpoint_id = file_sha256(directory / WEIGHTS_NAME)[:16]
-        return cls(model.requires_grad_(False).to(device), tokenizer, checkpoint_id=checkpoint_id, dtype=choice)
+        found = read_checkpoint(path)
+        decoder, tokenizer, choice = _load_decoder(backbone or found.config.backbone, dtype, device)
+        check_backbone(found.config, fingerprint(decoder), found.directory)
+        model = GMSAModel(decoder, found.config)
+        load_trained(model, found.weights, found.directory)
+        return cls(model.requires_grad_(False).to(device), tokenizer, checkpoint_id=found.checkpoint_id, dtype=choice)
 
     def save_pretrained(
         self,
@@ -196,23 +149,8 @@ class GMSA:
 
         ``weights`` replaces ``trained_state_dict(self.model)``, e.g. full tensors gathered from FSDP shards.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         weights = trained_state_dict(self.model) if weights is None else weights
-        try:
-            state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in weights.items()}
-            save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "gmsa_version": __version__})
-            self.config.save(staging)
-            manifest = {"gmsa_version": __version__, "sha256": {WEIGHTS_NAME: file_sha256(staging / WEIGHTS_NAME)}}
-            (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            for path in [staging, *staging.iterdir()]:  # mkdtemp/safetensors make them private
-                path.chmod(0o755 if path.is_dir() else 0o644)
-            if directory.exists():
-                shutil.rmtree(directory)
-            staging.rename(directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        write_checkpoint(directory, self.config, weights, dtype)
 
     # ----------------------------------------------------------------- compress
     def tokenize_contexts(self, texts: list[str]) -> list[list[int]]:
@@ -228,17 +166,6 @@ class GMSA:
                     "(the command line's --max-total-tokens)"
                 )
         return ids
-
-    def _window_settings(self, window: int | None, overlap: int | None) -> tuple[int, int]:
-        window = self.config.window if window is None else window
-        overlap = self.config.window_overlap if overlap is None else overlap
-        check_window(window, overlap)
-        if window > self.config.max_context_tokens:
-            raise ValueError(
-                f"window ({window}) must not exceed the encoder window max_context_tokens "
-                f"({self.config.max_context_tokens})"
-            )
-        return window, overlap
 
     @torch.inference_mode()
     def compress(
@@ -277,9 +204,11 @@ class GMSA:
         closing the generator stops the work.
         """
         texts = _as_text_list(texts, "texts")
-        rate = _check_rate(self.config.default_rate if rate is None else rate)
+        rate = check_rate(self.config.default_rate if rate is None else rate)
         self.hold_inference_dtype()
-        window, overlap = self._window_settings(window, overlap)
+        window = self.config.window if window is None else window
+        overlap = self.config.window_overlap if overlap is None else overlap
+        check_window(window, overlap, self.config.max_context_tokens)
         ids = self.tokenize_contexts(texts)
         windows = plan_windows([len(row) for row in ids], window, overlap)
         drops = [soft_tokens_to_drop(item, rate) for item in windows]
@@ -288,9 +217,9 @@ class GMSA:
         per_text: list[list[torch.Tensor]] = [[] for _ in texts]
         for item, drop, piece in zip(windows, drops, pieces):
             per_text[item.text].append(piece[drop:])
-        return Compressed(
+        return Compressed.from_embeddings(
             [torch.cat(parts) for parts in per_text],
-            [rate] * len(texts),
+            rate,
             [len(row) for row in ids],
             self.config.backbone_fingerprint,
             self.checkpoint_id,
@@ -309,37 +238,16 @@ class GMSA:
         shown = progress and len(batches) > 1
         for batch in tqdm(batches, desc="compress", unit="batch", disable=None if shown else True, leave=False):
             context_ids, context_mask = pad([rows[i] for i in batch], self.tokenizer.pad_token_id)
-            soft, soft_mask = self._soft_tokens(context_ids.to(self.device), context_mask.to(self.device), rate)
+            ids, mask = context_ids.to(self.device), context_mask.to(self.device)
+            soft, soft_mask = self.model.compress(ids, mask, rate, self.model.inference_encoder())
             for j, (i, count) in enumerate(zip(batch, soft_mask.sum(dim=1).tolist())):
                 pieces[i] = soft[j, :count]
             yield len(batch)
         return pieces
 
-    def _soft_tokens(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rate: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``GMSAModel.compress`` (``(B, L)`` ids -> ``(B, N, H)`` soft tokens, ``(B, N)`` mask), with the
-        encoder's LoRA merged into its weights when the model is in eval mode."""
-        self.hold_inference_dtype()
-        if getattr(self.model, "memory", None) is not None or self.model.encoder.training:
-            return self.model.compress(input_ids, attention_mask, rate)
-        encoder = self.inference_encoder()
-        states = encoder(inputs_embeds=self.model.embed(input_ids), attention_mask=attention_mask).last_hidden_state
-        merged, merged_mask = group_merge(states, attention_mask, rate)
-        return self.model.lsa(merged, merged_mask), merged_mask
-
     def inference_encoder(self) -> nn.Module:
-        """A copy of the encoder with each LoRA merged into its linear layer (plain ``nn.Linear`` again).
-
-        Same outputs up to float rounding, without the low-rank matmuls and the scale-and-add per
-        projection (about a fifth of the compression time on CPU). Cached, and rebuilt whenever a
-        LoRA tensor changes (training steps, loading weights, moving devices).
-        """
-        lora = [p for name, p in self.model.encoder.named_parameters() if "lora_" in name]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in lora)
-        if self._merged_encoder is None or self._merged_encoder[0] != key:
-            self._merged_encoder = (key, merged_lora_copy(self.model.encoder))
-        return self._merged_encoder[1]
+        """The encoder :meth:`compress` runs (:meth:`GMSAModel.inference_encoder`: LoRA merged in eval mode)."""
+        return self.model.inference_encoder()
 
     @torch.inference_mode()
     def uncompressed(self, texts: str | list[str]) -> Compressed:
@@ -352,7 +260,7 @@ class GMSA:
         ids = self.tokenize_contexts(texts)
         embeddings = [self.model.embed(torch.tensor(row, device=self.device)) for row in ids]
         lengths = [len(row) for row in ids]
-        return Compressed(embeddings, [1] * len(texts), lengths, self.config.backbone_fingerprint, self.checkpoint_id)
+        return Compressed.from_embeddings(embeddings, 1, lengths, self.config.backbone_fingerprint, self.checkpoint_id)
 
     # ----------------------------------------------------------------- decode
     def prompt_ids_for(self, prompt: str) -> list[int]:
@@ -417,14 +325,7 @@ class GMSA:
     def _paired(compressed: Compressed, questions: list[str]) -> Compressed:
         """One compressed context per question (a single context is shared by all of them)."""
         if len(compressed) == 1 and len(questions) > 1:
-            compressed = Compressed(
-                compressed.soft_tokens * len(questions),
-                compressed.rates * len(questions),
-                compressed.n_tokens * len(questions),
-                compressed.backbone_fingerprint,
-                compressed.checkpoint_id,
-                compressed.gmsa_version,
-            )
+            compressed = Compressed.concat([compressed] * len(questions))
         if len(compressed) != len(questions):
             raise ValueError(f"{len(questions)} questions for {len(compressed)} compressed contexts")
         return compressed
@@ -486,29 +387,6 @@ class GMSA:
         return texts
 
 
-def merged_lora_copy(stack: nn.Module) -> nn.Module:
-    """A frozen copy of ``stack`` whose LoRA layers are merged back into plain base layers.
-
-    Hooks registered on ``stack`` are not carried over to the copy.
-    """
-    without_hooks = {
-        id(value): type(value)()
-        for module in stack.modules()
-        for name, value in vars(module).items()
-        if "hooks" in name and isinstance(value, dict)
-    }
-    copied = copy.deepcopy(stack, without_hooks).requires_grad_(False)
-    lora_names = [name for name, module in copied.named_modules() if isinstance(module, LoraLayer)]
-    for name in lora_names:
-        module = copied.get_submodule(name)
-        base = module.get_base_layer()
-        dtype = base.weight.dtype
-        module.float().merge()  # merged in fp32, rounded once to the base weight's dtype
-        parent, _, child = name.rpartition(".")
-        setattr(copied.get_submodule(parent), child, base.to(dtype))
-    return copied
-
-
 def _load_decoder(
     backbone: str | os.PathLike, dtype: str | torch.dtype, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, DtypeChoice]:
@@ -524,35 +402,3 @@ def _load_decoder(
     log_choice(choice, "inference")
     decoder, tokenizer = load_backbone(backbone, dtype=torch.float32)
     return decoder, tokenizer, choice
-
-
-def _verified_weights(directory: Path) -> dict[str, torch.Tensor]:
-    manifest_path = directory / MANIFEST_NAME
-    try:
-        expected = json.loads(manifest_path.read_text())["sha256"][WEIGHTS_NAME]
-    except (OSError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{manifest_path} is missing or corrupt ({err})") from err
-    if file_sha256(directory / WEIGHTS_NAME) != expected:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match its checksum: the file is corrupt")
-    try:
-        return load_file(directory / WEIGHTS_NAME)
-    except SafetensorError as err:
-        raise CheckpointError(f"cannot read {directory / WEIGHTS_NAME}: {err}") from err
-
-
-def load_trained(model: GMSAModel, weights: dict[str, torch.Tensor], source: object = "checkpoint") -> None:
-    """Copy trained tensors into ``model``; the key sets must match exactly."""
-    expected = trained_state_dict(model)
-    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not fit this model config: "
-            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
-    with torch.no_grad():
-        for name, tensor in expected.items():
-            if tensor.shape != weights[name].shape:
-                raise CheckpointError(
-                    f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {tuple(tensor.shape)}"
-                )
-            tensor.copy_(shard_like(weights[name], tensor))  # this rank's shard under FSDP

@@ -44,15 +44,24 @@ class Window:
         return self.first_new - self.start
 
 
-def check_window(window: int, overlap: int) -> None:
-    """Raise a ValueError unless ``window >= 1`` and ``0 <= overlap < window``."""
-    for name, value in (("window", window), ("overlap", overlap)):
+def check_window(
+    window: int, overlap: int, max_window: int | None = None, names: tuple[str, str] = ("window", "overlap")
+) -> None:
+    """Raise unless ``1 <= window`` (``<= max_window``, the encoder window, when given) and ``0 <= overlap < window``.
+
+    The one check of window settings (the config's, a call's, the command line's); ``names`` are
+    the settings' names in the error message.
+    """
+    window_name, overlap_name = names
+    for name, value in ((window_name, window), (overlap_name, overlap)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an integer, got {value!r}")
+    if max_window is not None and not 1 <= window <= max_window:
+        raise ValueError(f"{window_name} must be between 1 and max_context_tokens ({max_window}), got {window}")
     if window < 1:
-        raise ValueError(f"window must be >= 1 token, got {window}")
+        raise ValueError(f"{window_name} must be >= 1 token, got {window}")
     if not 0 <= overlap < window:
-        raise ValueError(f"overlap must be >= 0 and smaller than the window ({window}), got {overlap}")
+        raise ValueError(f"{overlap_name} must be >= 0 and smaller than the window ({window}), got {overlap}")
 
 
 def window_spans(n_tokens: int, window: int, overlap: int = 0) -> list[tuple[int, int, int]]:

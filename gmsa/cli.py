@@ -22,25 +22,27 @@ from .cli_checks import (
     positive_float,
     warn_few_soft_tokens,
 )
+from .cli_options import describe
 from .engine_args import add_engine_args
 from .version import __version__
 
 # sub-commands registered by other modules (imported only when needed: some import torch)
 REGISTERED = {
-    "data": "gmsa.corpora.cli",
-    "bench": "gmsa.bench",
+    "data": "gmsa.data.cli",
+    "bench": "gmsa.evaluation.bench",
     "eval": "gmsa.evaluation.cli",
-    "serve": "gmsa.server",
+    "serve": "gmsa.serving.server",
 }
 OWN = ("compress", "answer", "reconstruct", "export-decoder", "train", "demo")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` after an option's help unless the default is empty or the help names one."""
+    """Shows ``(default: X)`` after an option's help unless the default is empty, the option is a switch
+    (it takes no value), or the help names one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if action.default in (None, False, "", argparse.SUPPRESS) or action.nargs == 0 or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -56,6 +58,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.lazy_epilog = None
+        self.commands = None  # the sub-commands (build_parser sets them)
 
     def add_argument(self, *args, **kwargs):
         """An option given without help still shows its default in ``--help``."""
@@ -194,8 +197,9 @@ def cmd_export_decoder(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .train import TrainConfig, Trainer
+    from .training import distributed
+    from .training.config import TrainConfig
+    from .training.trainer import Trainer
 
     overrides = [f"stage={json.dumps(args.stage)}"] + list(args.overrides)
     cfg = TrainConfig.from_sources(args.config or [], overrides)
@@ -208,25 +212,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
     return run_demo(args.model, rate=args.rate, as_json=args.json, repeats=args.repeats)
 
 
 def train_keys_epilog() -> str:
-    """The ``key=value`` names ``gmsa train`` takes: the fields of ``TrainConfig`` with their defaults."""
-    import dataclasses
+    """The ``key=value`` names ``gmsa train`` takes: the fields of ``TrainConfig`` and its ``model``, with defaults."""
+    from .config import GMSAConfig
+    from .training.config import TrainConfig
 
-    from .train import TrainConfig
-
-    lines = [
-        "Any key=value after the options overrides a training option (TOML values), e.g. lr=3e-4 max_steps=100.",
-        "Options and their defaults (configs/*.toml set most of them):",
-    ]
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines.append(f"  {f.name}={json.dumps(default)}")
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            "Any key=value after the options overrides a training option (TOML values), e.g. lr=3e-4 max_steps=100.",
+            "Options and their defaults (configs/*.toml set most of them):",
+            *describe(TrainConfig, skip=("model",)),
+            "The compressor: the [model] table of configs/*.toml, or model.KEY=value (KEY=value for short):",
+            *describe(GMSAConfig, skip=("backbone_fingerprint",)),
+        ]
+    )
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -332,7 +336,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="gmsa", description="Compress long LLM contexts into soft tokens (GMSA).")
     parser.add_argument("--version", action="version", version=f"gmsa {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress bars and logs of the libraries")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.commands = parser.add_subparsers(dest="command", required=True)
     _add_own_commands(sub)
     for name, module in REGISTERED.items():
         if command in OWN:
@@ -363,8 +367,7 @@ def first_command(argv: list[str]) -> str | None:
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of ``gmsa NAME`` (its options, its ``--help``)."""
     parser = build_parser([name])
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices[name]
+    return parser.commands.choices[name]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,20 +53,67 @@ class Compressed:
     gmsa_version: str = __version__
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: list[torch.Tensor],
+        rate: int,
+        n_tokens: list[int],
+        backbone_fingerprint: str,
+        checkpoint_id: str,
+        extra: dict | None = None,
+    ) -> Compressed:
+        """Texts given as ``(n_i, H)`` vectors, all made at one ``rate`` from ``n_tokens[i]`` context tokens."""
+        rates = [rate] * len(embeddings)
+        return cls(
+            list(embeddings), rates, list(n_tokens), backbone_fingerprint, checkpoint_id, extra=dict(extra or {})
+        )
+
+    @classmethod
+    def concat(cls, parts: list[Compressed]) -> Compressed:
+        """One :class:`Compressed` holding every text of ``parts``, in order (``extra`` from the first).
+
+        The parts must come from one backbone, checkpoint and gmsa version.
+        """
+        first = parts[0]
+        for part in parts[1:]:
+            if part.made_by != first.made_by:
+                raise IncompatibleContextError(f"cannot join soft tokens made by {part.made_by} and {first.made_by}")
+        return replace(
+            first,
+            soft_tokens=[tokens for part in parts for tokens in part.soft_tokens],
+            rates=[rate for part in parts for rate in part.rates],
+            n_tokens=[n for part in parts for n in part.n_tokens],
+            extra=dict(first.extra),
+        )
+
+    def joined(self) -> Compressed:
+        """One text whose soft tokens are those of every text here, in order (at the first text's rate)."""
+        return replace(
+            self,
+            soft_tokens=[torch.cat(self.soft_tokens)],
+            rates=[self.rates[0]],
+            n_tokens=[sum(self.n_tokens)],
+            extra=dict(self.extra),
+        )
+
+    @property
+    def made_by(self) -> tuple[str, str, str]:
+        """``(backbone_fingerprint, checkpoint_id, gmsa_version)``: what must match to reuse the soft tokens."""
+        return self.backbone_fingerprint, self.checkpoint_id, self.gmsa_version
+
     def __len__(self) -> int:
         return len(self.soft_tokens)
 
     def __getitem__(self, index: int | slice) -> Compressed:
         picked = range(len(self))[index]
         picked = picked if isinstance(picked, range) else [picked]
-        return Compressed(
-            [self.soft_tokens[i] for i in picked],
-            [self.rates[i] for i in picked],
-            [self.n_tokens[i] for i in picked],
-            self.backbone_fingerprint,
-            self.checkpoint_id,
-            self.gmsa_version,
-            dict(self.extra),
+        return replace(
+            self,
+            soft_tokens=[self.soft_tokens[i] for i in picked],
+            rates=[self.rates[i] for i in picked],
+            n_tokens=[self.n_tokens[i] for i in picked],
+            extra=dict(self.extra),
         )
 
     @property

@@ -7,16 +7,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chunking import check_window
+
 AE_PROMPT = "Restate the aforementioned Text."
 COPY_INSTRUCTION = "Repeat the text above exactly, word for word."
 SOFT_MARK = "\u2063SOFT\u2063"  # stands where the soft tokens go when a chat template is rendered
 CONFIG_NAME = "gmsa_config.json"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # compute dtypes (gmsa.precision); here so the CLI needs no torch
+MERGE_CHOICES = ("mean", "memory")  # the strategies of gmsa.merge.MERGERS; here so the config needs no torch
 
 
 @dataclass
 class GMSAConfig:
-    """Architecture of the compressor around a frozen causal LM.
+    """Architecture of the compressor around a frozen causal LM; the defaults are the shipped recipe's.
 
     Attributes:
         backbone: local path of the HF causal LM, or ``"default"`` for the embedded
@@ -27,7 +30,7 @@ class GMSAConfig:
         k_lsa: number of the decoder's first layers copied into the LSA blocks.
         lsa_init: ``"decoder"`` (the method), ``"random"`` or ``"linear"`` (ablations).
         merge: ``"mean"`` (group merging, the method) or ``"memory"`` (ablation: ICAE-style
-            learned memory tokens appended to the encoder input; see ``gmsa.ablations``).
+            learned memory tokens appended to the encoder input); see ``gmsa.merge``.
         lsa_match_embedding_scale: scale the LSA's final-norm weight at initialisation so soft
             tokens start at the RMS of the decoder's token embeddings (the decoder's final norm
             makes them ~16x larger on SmolLM2, which swamps the residual stream).
@@ -50,11 +53,11 @@ class GMSAConfig:
 
     backbone: str = "default"
     backbone_fingerprint: str = ""
-    k_enc: int = 8
+    k_enc: int = 4
     k_lsa: int = 1
     lsa_init: str = "decoder"
     merge: str = "mean"
-    lsa_match_embedding_scale: bool = True
+    lsa_match_embedding_scale: bool = False
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -65,8 +68,8 @@ class GMSAConfig:
     default_rate: int = 4
     ae_prompt: str = AE_PROMPT
     decoder_tuning: str = "none"
-    decoder_lora_r: int = 16
-    ae_decoder_lora_r: int = 0
+    decoder_lora_r: int = 8
+    ae_decoder_lora_r: int = 16
     lsa_output_gain: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -75,29 +78,20 @@ class GMSAConfig:
             raise ValueError(f"k_enc must be >= 1 and k_lsa >= 0, got {self.k_enc}, {self.k_lsa}")
         if self.lsa_init not in {"decoder", "random", "linear"}:
             raise ValueError(f"lsa_init must be decoder, random or linear, got {self.lsa_init!r}")
-        if self.merge not in {"mean", "memory"}:
-            raise ValueError(f"merge must be mean or memory, got {self.merge!r}")
+        if self.merge not in MERGE_CHOICES:
+            raise ValueError(f"merge must be {' or '.join(MERGE_CHOICES)}, got {self.merge!r}")
         if self.decoder_tuning not in {"none", "qkv", "full", "lora"}:
             raise ValueError(f"decoder_tuning must be none, qkv, full or lora, got {self.decoder_tuning!r}")
-        self._check_windows()
+        check_window(
+            self.window, self.window_overlap, self.max_context_tokens, names=("window_tokens", "window_overlap")
+        )
+        if self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
 
     @property
     def window(self) -> int:
         """Tokens per encoder window when a context is split."""
         return self.max_context_tokens if self.window_tokens is None else self.window_tokens
-
-    def _check_windows(self) -> None:
-        if self.window_tokens is not None and not 1 <= self.window_tokens <= self.max_context_tokens:
-            raise ValueError(
-                f"window_tokens must be between 1 and max_context_tokens ({self.max_context_tokens}), "
-                f"got {self.window_tokens}"
-            )
-        if not 0 <= self.window_overlap < self.window:
-            raise ValueError(
-                f"window_overlap must be >= 0 and smaller than the window ({self.window}), got {self.window_overlap}"
-            )
-        if self.max_total_tokens < 1:
-            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,18 +22,17 @@ import json
 import urllib.request
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from .backbone import cache_root
+from .config import GMSAConfig
 from .decoding import greedy_texts
 from .engine_args import ENGINES, add_engine_args  # noqa: F401  (re-exported)
-from .model import pack
+from .model import GMSAModel, merged_lora_copy, pack
 from .version import __version__
-
-if TYPE_CHECKING:
-    from .api import GMSA
 
 EXPORT_INFO = "gmsa_decoder.json"
 INSTALL_HINT = (
@@ -42,6 +41,20 @@ INSTALL_HINT = (
     "then export the decoder (`gmsa export-decoder --out DIR`), start `~/vllm-venv/bin/vllm serve DIR "
     "--enable-prompt-embeds --port 8001` and pass `--engine vllm --engine-url http://127.0.0.1:8001`"
 )
+
+
+class GMSALike(Protocol):
+    """What an engine reads of a :class:`gmsa.GMSA` (named by its shape: the API imports this module, not back)."""
+
+    model: GMSAModel
+    tokenizer: PreTrainedTokenizerBase
+    checkpoint_id: str
+
+    @property
+    def config(self) -> GMSAConfig: ...
+
+    @property
+    def inference_dtype(self) -> torch.dtype: ...
 
 
 class EngineUnavailableError(RuntimeError):
@@ -190,7 +203,7 @@ class VLLMServerEngine(Engine):
 
 
 # --------------------------------------------------------------------- the decoder an engine loads
-def export_info(gmsa: GMSA) -> dict:
+def export_info(gmsa: GMSALike) -> dict:
     """What identifies the decoder of ``gmsa`` (written next to an export, checked on reuse)."""
     config = gmsa.config
     return {
@@ -201,14 +214,12 @@ def export_info(gmsa: GMSA) -> dict:
     }
 
 
-def export_decoder(gmsa: GMSA, directory: str | Path) -> Path:
+def export_decoder(gmsa: GMSALike, directory: str | Path) -> Path:
     """Write the decoder of ``gmsa`` as a full HF model directory (weights + config + tokenizer).
 
     The decoder's tuned weights (``decoder_tuning`` ``qkv``/``full``) are in place already; a
     decoder LoRA (``lora``) is merged into its base weights, so any engine loads a plain model.
     """
-    from .api import merged_lora_copy
-
     directory = Path(directory)
     decoder = gmsa.model.decoder
     if any("lora_" in name for name, _ in decoder.named_parameters()):
@@ -219,7 +230,7 @@ def export_decoder(gmsa: GMSA, directory: str | Path) -> Path:
     return directory
 
 
-def exported_decoder(gmsa: GMSA, directory: str | Path | None = None) -> Path:
+def exported_decoder(gmsa: GMSALike, directory: str | Path | None = None) -> Path:
     """An export of ``gmsa``'s decoder: reused if ``directory`` (default: in gmsa's cache) holds it, else written."""
     info = export_info(gmsa)
     default = cache_root() / "engine-decoders" / f"{info['backbone_fingerprint'][:12]}-{info['checkpoint_id']}"
@@ -232,7 +243,7 @@ def exported_decoder(gmsa: GMSA, directory: str | Path | None = None) -> Path:
     return export_decoder(gmsa, directory)
 
 
-def check_export(gmsa: GMSA, model_dir: str | Path) -> None:
+def check_export(gmsa: GMSALike, model_dir: str | Path) -> None:
     """Raise if ``model_dir`` is a local export of another decoder than ``gmsa``'s (a served name is not checked)."""
     try:
         info = json.loads((Path(model_dir) / EXPORT_INFO).read_text())
@@ -246,7 +257,7 @@ def check_export(gmsa: GMSA, model_dir: str | Path) -> None:
 
 
 # --------------------------------------------------------------------- command line
-def engine_from_args(args: argparse.Namespace, gmsa: GMSA) -> Engine | None:
+def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
     """The engine the options ask for; ``None`` for ``hf`` (gmsa decodes in this process)."""
     if args.engine == "hf":
         return None

@@ -31,6 +31,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .model import same_tensors
+
 STEP_ROWS = 8  # inputs with at most this many rows (batch x new tokens) take the int8 path
 INT8_MIN_SPEEDUP = 1.2  # below this, the int8 rounding of the decoding steps is not worth it
 INT8_SETTINGS = ("auto", "on", "off")
@@ -152,14 +154,6 @@ def inference_copy(decoder: nn.Module, merge_lora: bool = True) -> nn.Module:
         if "hooks" in name and isinstance(value, dict)
     }
     return copy.deepcopy(decoder, memo).eval()
-
-
-def same_tensors(these: list[torch.Tensor], those: list[torch.Tensor]) -> bool:
-    """Whether two lists hold equal tensors (shape, dtype, device and values), in order."""
-    return len(these) == len(those) and all(
-        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
-        for a, b in zip(these, those)
-    )
 
 
 @dataclass(frozen=True)

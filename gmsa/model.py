@@ -1,11 +1,14 @@
-"""The GMSA network: encoder (first layers + LoRA) -> group merging -> LSA -> frozen decoder.
+"""The GMSA network: encoder (first layers + LoRA) -> merging -> LSA -> frozen decoder.
 
 Read top to bottom:
   * ``truncated_copy`` copies the first ``k`` layers (+ final norm) of a causal LM's base
     model into a standalone stack; the encoder and the LSA blocks are such copies, so the
     backbone is loaded once.
   * ``LayerSemanticAlignment`` maps merged encoder states into the decoder's input space.
-  * ``GMSAModel.compress`` turns context token ids into soft tokens.
+  * ``merged_lora_copy`` / ``MergedEncoder``: the encoder as inference runs it, each LoRA merged
+    into its linear layer.
+  * ``GMSAModel.compress`` turns context token ids into soft tokens: encoder, then the
+    configured merger (``gmsa.merge``: group merging, or the memory-token ablation), then the LSA.
   * ``GMSAModel.forward`` packs ``[soft tokens; prompt; target]`` left-aligned per sample
     (positions 0..n-1 for every sample, so mixed lengths batch exactly) and returns the
     cross entropy on target tokens only.
@@ -21,13 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
-from .ablations import MemoryTokens
 from .config import GMSAConfig
-from .merge import group_merge
+from .merge import build_merger
 
 
 def base_model(causal_lm: PreTrainedModel) -> nn.Module:
@@ -122,6 +125,56 @@ def match_embedding_scale(norm: nn.Module, embeddings: torch.Tensor) -> None:
     norm.weight.copy_((norm.weight + offset) * scale - offset)
 
 
+def merged_lora_copy(stack: nn.Module) -> nn.Module:
+    """A frozen copy of ``stack`` whose LoRA layers are merged back into plain base layers.
+
+    Hooks registered on ``stack`` are not carried over to the copy.
+    """
+    without_hooks = {
+        id(value): type(value)()
+        for module in stack.modules()
+        for name, value in vars(module).items()
+        if "hooks" in name and isinstance(value, dict)
+    }
+    copied = copy.deepcopy(stack, without_hooks).requires_grad_(False)
+    lora_names = [name for name, module in copied.named_modules() if isinstance(module, LoraLayer)]
+    for name in lora_names:
+        module = copied.get_submodule(name)
+        base = module.get_base_layer()
+        dtype = base.weight.dtype
+        module.float().merge()  # merged in fp32, rounded once to the base weight's dtype
+        parent, _, child = name.rpartition(".")
+        setattr(copied.get_submodule(parent), child, base.to(dtype))
+    return copied
+
+
+class MergedEncoder:
+    """A cached :func:`merged_lora_copy` of an encoder, rebuilt whenever a LoRA tensor changes
+    (a training step, loaded weights, a move to another device or dtype).
+
+    A plain object, not a module: the copy is no part of the model's parameters or state.
+    """
+
+    def __init__(self):
+        self.copy: nn.Module | None = None
+        self.lora_snapshot: list[torch.Tensor] = []
+
+    def of(self, encoder: nn.Module) -> nn.Module:
+        lora = [p.detach() for name, p in encoder.named_parameters() if "lora_" in name]
+        if self.copy is None or not same_tensors(lora, self.lora_snapshot):
+            self.copy = merged_lora_copy(encoder)
+            self.lora_snapshot = [p.clone() for p in lora]
+        return self.copy
+
+
+def same_tensors(these: list[torch.Tensor], those: list[torch.Tensor]) -> bool:
+    """Whether two lists hold equal tensors (shape, dtype, device and values), in order."""
+    return len(these) == len(those) and all(
+        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+        for a, b in zip(these, those)
+    )
+
+
 @dataclass
 class Packed:
     """Right-padded decoder inputs built from per-sample pieces."""
@@ -129,6 +182,17 @@ class Packed:
     inputs_embeds: torch.Tensor  # (B, T, H)
     attention_mask: torch.Tensor  # (B, T)
     lengths: torch.Tensor  # (B,)
+
+
+def pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into ``(B, T)`` ids and mask."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
 
 
 def pack(pieces: list[list[torch.Tensor]], left_pad: bool = False) -> Packed:
@@ -146,7 +210,7 @@ def pack(pieces: list[list[torch.Tensor]], left_pad: bool = False) -> Packed:
 
 
 class GMSAModel(nn.Module):
-    """Encoder + group merging + LSA around a decoder that is loaded once and kept frozen."""
+    """Encoder + merger (group merging, see ``gmsa.merge``) + LSA around a decoder loaded once and kept frozen."""
 
     def __init__(self, decoder: PreTrainedModel, config: GMSAConfig):
         super().__init__()
@@ -158,7 +222,8 @@ class GMSAModel(nn.Module):
         encoder = truncated_copy(decoder, config.k_enc).requires_grad_(False)
         self.encoder = add_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout)
         self.lsa = LayerSemanticAlignment(decoder, config)
-        self.memory = MemoryTokens(decoder, config.max_context_tokens) if config.merge == "memory" else None
+        self.merger = build_merger(decoder, config)
+        self.merged_encoder = MergedEncoder()
         if config.ae_decoder_lora_r:
             add_decoder_adapter(self, AE_ADAPTER, config.ae_decoder_lora_r)
         enable_decoder_tuning(self, config.decoder_tuning)
@@ -171,15 +236,29 @@ class GMSAModel(nn.Module):
         return self.decoder.get_input_embeddings()(input_ids)
 
     def compress(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rates: torch.Tensor | int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rates: torch.Tensor | int,
+        encoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context ids ``(B, L)`` (right-padded) -> soft tokens ``(B, N, H)`` and mask ``(B, N)``."""
-        if self.memory is not None:
-            merged, merged_mask = self.memory(self.encoder, self.embed(input_ids), attention_mask, rates)
-            return self.lsa(merged, merged_mask), merged_mask
-        states = self.encoder(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask).last_hidden_state
-        merged, merged_mask = group_merge(states, attention_mask, rates)
+        """Context ids ``(B, L)`` (right-padded) -> soft tokens ``(B, N, H)`` and mask ``(B, N)``.
+
+        ``encoder``: ``self.encoder`` (LoRA kept apart, as training needs it) unless given, e.g.
+        :meth:`inference_encoder`.
+        """
+        encoder = self.encoder if encoder is None else encoder
+        merged, merged_mask = self.merger(encoder, self.embed(input_ids), attention_mask, rates)
         return self.lsa(merged, merged_mask), merged_mask
+
+    def inference_encoder(self) -> nn.Module:
+        """The encoder inference runs: in eval mode a copy with each LoRA merged into its layer (cached),
+        in training mode the encoder itself.
+
+        Same outputs up to float rounding, without the low-rank matmuls and the scale-and-add per
+        projection (about a fifth of the compression time on CPU).
+        """
+        return self.encoder if self.encoder.training else self.merged_encoder.of(self.encoder)
 
     def decoder_inputs(
         self,
@@ -325,8 +404,7 @@ def set_stage(model: GMSAModel, stage: str) -> list[str]:
             param.requires_grad_("lora_" in name)
         for name, param in model.lsa.named_parameters():
             param.requires_grad_("embed_tokens" not in name)
-        if model.memory is not None:
-            model.memory.requires_grad_(True)
+        model.merger.requires_grad_(True)
         tuned = set(adapter_param_names(model.decoder, AE_ADAPTER))
         for name, param in model.decoder.named_parameters():
             param.requires_grad_(name in tuned)
@@ -343,8 +421,8 @@ def trained_state_dict(model: GMSAModel) -> dict[str, torch.Tensor]:
     """Everything that differs from the backbone: encoder LoRA, LSA, tuned decoder parts."""
     state = {f"encoder.{n}": p for n, p in model.encoder.named_parameters() if "lora_" in n}
     state |= {f"lsa.{n}": p for n, p in model.lsa.named_parameters() if "embed_tokens" not in n}
-    if model.memory is not None:
-        state |= {f"memory.{n}": p for n, p in model.memory.named_parameters()}
+    # a merger's own weights (the memory table) are saved under the config's merge name: "memory.embeddings"
+    state |= {f"{model.config.merge}.{n}": p for n, p in model.merger.named_parameters()}
     decoder_params = dict(model.decoder.named_parameters())
     tuned = adapter_param_names(model.decoder, AE_ADAPTER) + decoder_tuned_names(model)
     state |= {f"decoder.{n}": decoder_params[n] for n in tuned}

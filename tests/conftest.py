@@ -68,7 +68,7 @@ def no_corpus_downloads():
         raise AssertionError(f"a test asked to download corpus packages {list(keys)}; pass paths= (fixture archives)")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("gmsa.corpora.prepare.fetch_all", refuse)
+        patch.setattr("gmsa.data.prepare.fetch_all", refuse)
         yield
 
 
@@ -82,11 +82,15 @@ def qwen_dir(tmp_path_factory) -> Path:
     return tiny_backbone_dir(tmp_path_factory.mktemp("backbones"), family="qwen2")
 
 
+# A tiny compressor with the paper's frozen decoder (no AE decoder LoRA) and soft tokens scaled like embeddings
+TINY = {"k_enc": 2, "k_lsa": 1, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_context_tokens": 64}
+TINY |= {"ae_decoder_lora_r": 0, "decoder_lora_r": 16, "lsa_match_embedding_scale": True}
+
+
 def make_gmsa(path: Path, **overrides) -> GMSA:
     torch.manual_seed(0)
-    values = {"k_enc": 2, "k_lsa": 1, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_context_tokens": 64}
     # fp32 whatever this machine's fastest dtype: unit tests must not depend on the CPU they run on
-    return GMSA.from_backbone(path, GMSAConfig(**(values | overrides)), dtype="float32")
+    return GMSA.from_backbone(path, GMSAConfig(**(TINY | overrides)), dtype="float32")
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gmsa import GMSA, BackboneNotFoundError, CheckpointError, Compressed, IncompatibleContextError
-from gmsa.api import MANIFEST_NAME, WEIGHTS_NAME
+from gmsa.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city."]
 
@@ -27,11 +27,15 @@ def test_generate_and_reconstruct_return_text(tiny_gmsa):
 
 
 def test_batched_generation_equals_one_by_one(tiny_gmsa):
-    compressed = tiny_gmsa.compress(TEXTS, rate=2)
-    questions = ["What is the capital of France?", "Who jumps?"]
-    batched = tiny_gmsa.generate(compressed, questions, max_new_tokens=6)
-    single = [tiny_gmsa.generate(compressed[i], questions[i], max_new_tokens=6)[0] for i in range(2)]
-    assert batched == single
+    """Batches of contexts of mixed lengths (a full and a part batch) answer as each context alone."""
+    texts = [*TEXTS, f"{TEXTS[1]} {TEXTS[0]}", "Paris is the capital."]
+    questions = ["What is the capital of France?", "Who jumps?", "Which city?", "What is Paris?"]
+    compressed = tiny_gmsa.compress(texts, rate=2)
+    batched = tiny_gmsa.generate(compressed, questions, max_new_tokens=6, batch_size=3)
+    single = [tiny_gmsa.generate(compressed[i], questions[i], max_new_tokens=6)[0] for i in range(len(texts))]
+    assert batched == single and len(set(single)) > 1
+    restated = [tiny_gmsa.reconstruct(compressed[i], max_new_tokens=8)[0] for i in range(len(texts))]
+    assert tiny_gmsa.reconstruct(compressed, batch_size=3, max_new_tokens=8) == restated
 
 
 def test_one_context_many_questions(tiny_gmsa):

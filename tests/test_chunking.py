@@ -162,7 +162,7 @@ def test_overlap_not_a_multiple_of_the_rate_is_an_error(windowed):
 
 
 def test_window_larger_than_the_encoder_is_an_error(windowed):
-    with pytest.raises(ValueError, match="must not exceed the encoder window max_context_tokens \\(16\\)"):
+    with pytest.raises(ValueError, match="window must be between 1 and max_context_tokens \\(16\\), got 32"):
         windowed.compress(words(40), rate=4, window=32)
 
 

@@ -123,12 +123,13 @@ def test_every_option_has_help_and_reconstruct_lists_max_new_tokens():
 
 
 def test_train_help_lists_every_training_option():
-    from gmsa.train import TrainConfig
+    from gmsa.config import GMSAConfig
+    from gmsa.training.config import TrainConfig
 
     text = command_parser("train").format_help()
-    for field in dataclasses.fields(TrainConfig):
-        assert f"\n  {field.name}=" in text
-    assert "\n  max_steps=2000\n" in text
+    for field in dataclasses.fields(TrainConfig) + dataclasses.fields(GMSAConfig):
+        assert f"\n  {field.name}=" in text or field.name in ("model", "backbone_fingerprint")
+    assert "\n  max_steps=2000\n" in text and "\n  k_enc=4\n" in text and "[model] table" in text
 
 
 @pytest.fixture

@@ -124,6 +124,58 @@ def test_context_of_another_gmsa_version_is_refused(tiny_gmsa, stored, tmp_path)
         tiny_gmsa.generate(Compressed.load(tmp_path / "old.safetensors"), ["Who?", "Where?"])
 
 
+# ----------------------------------------------------------------- constructors
+def made(n_texts: int, checkpoint: str = "ck", **extra) -> Compressed:
+    tensors = [torch.full((i + 1, 4), float(i)) for i in range(n_texts)]
+    return Compressed.from_embeddings(tensors, 2, [2 * (i + 1) for i in range(n_texts)], "fp", checkpoint, extra)
+
+
+def test_from_embeddings_gives_every_text_the_rate():
+    extra = {"window": 64}
+    compressed = Compressed.from_embeddings([torch.zeros(3, 4), torch.zeros(1, 4)], 4, [12, 3], "fp", "ck", extra)
+    assert (compressed.rates, compressed.n_tokens, compressed.n_soft_tokens) == ([4, 4], [12, 3], [3, 1])
+    assert compressed.made_by == ("fp", "ck", __version__)
+    extra["window"] = 0
+    assert compressed.extra == {"window": 64}  # a copy, not the caller's dict
+    compressed.check_structure()
+
+
+def test_concat_keeps_order_and_extra():
+    first, second = made(2, window=8), made(1)
+    joined = Compressed.concat([first, second])
+    assert joined.n_soft_tokens == [1, 2, 1] and joined.n_tokens == [2, 4, 2]
+    assert all(torch.equal(a, b) for a, b in zip(joined.soft_tokens, first.soft_tokens + second.soft_tokens))
+    assert joined.extra == {"window": 8} and joined.extra is not first.extra
+
+
+def test_concat_refuses_soft_tokens_of_another_checkpoint():
+    with pytest.raises(IncompatibleContextError, match="cannot join soft tokens"):
+        Compressed.concat([made(1), made(1, checkpoint="other")])
+
+
+def test_joined_is_one_text_of_every_soft_token():
+    compressed = made(3, window=8)
+    one = compressed.joined()
+    assert (len(one), one.n_soft_tokens, one.n_tokens, one.rates) == (1, [6], [12], [2])
+    assert torch.equal(one.soft_tokens[0], torch.cat(compressed.soft_tokens)) and one.extra == {"window": 8}
+
+
+def test_indexing_keeps_the_metadata():
+    compressed = made(3, window=8)
+    compressed.gmsa_version = "older"
+    part = compressed[1:]
+    assert part.n_tokens == [4, 6] and part.made_by == compressed.made_by and part.extra == {"window": 8}
+    assert compressed[0].n_soft_tokens == [1]
+
+
+def test_a_shared_context_answers_like_the_same_context_repeated(tiny_gmsa):
+    context = tiny_gmsa.compress(TEXTS[0], rate=2)
+    questions = ["Who jumps?", "Over what?", "Which fox?"]
+    repeated = Compressed.concat([context] * len(questions))
+    shared = tiny_gmsa.generate(context, questions, max_new_tokens=4)
+    assert shared == tiny_gmsa.generate(repeated, questions, max_new_tokens=4)
+
+
 # ----------------------------------------------------------------- CLI round trip
 @pytest.fixture
 def checkpoint(tiny_gmsa, tmp_path):

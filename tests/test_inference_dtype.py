@@ -6,9 +6,9 @@ import torch
 from gmsa import GMSA, GMSAConfig
 from gmsa.cli import build_parser
 from gmsa.model import set_stage
+from tests.conftest import TINY
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city."]
-TINY = {"k_enc": 2, "k_lsa": 1, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_context_tokens": 64}
 
 
 def tiny(backbone_dir, dtype) -> GMSA:

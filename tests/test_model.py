@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gmsa.data import Example, collate
 from gmsa.model import base_model, set_stage, trained_state_dict
+from gmsa.training.data import Example, collate
 
 
 def _batch(gmsa, texts, rates):
@@ -120,3 +120,29 @@ def test_backbone_fingerprint_ignores_a_decoder_lora(make_gmsa, backbone_dir):
     before = fingerprint(gmsa.model.decoder)
     enable_decoder_tuning(gmsa.model, "lora")
     assert fingerprint(gmsa.model.decoder) == before == gmsa.config.backbone_fingerprint
+
+
+# ----------------------------------------------------------------- the inference encoder
+def test_inference_encoder_is_the_encoder_while_training(tiny_gmsa):
+    model = tiny_gmsa.model
+    model.encoder.train()
+    assert model.inference_encoder() is model.encoder
+    model.encoder.eval()
+    merged = model.inference_encoder()
+    assert merged is not model.encoder and merged is model.inference_encoder()  # cached
+
+
+def test_the_merged_copy_is_no_part_of_the_model(tiny_gmsa):
+    model = tiny_gmsa.model.eval()
+    names = set(model.state_dict())
+    model.inference_encoder()
+    assert set(model.state_dict()) == names
+    assert not any("merged" in name for name, _ in model.named_modules())
+
+
+def test_the_merged_copy_follows_a_cast(tiny_gmsa):
+    model = tiny_gmsa.model.eval()
+    first = model.inference_encoder()
+    model.to(torch.bfloat16)
+    second = model.inference_encoder()
+    assert second is not first and next(second.parameters()).dtype == torch.bfloat16

@@ -1,6 +1,8 @@
-"""Evaluation harness: ``gmsa eval reconstruct|qa`` with baselines, caching and reports.
+"""Evaluation and measurement: ``gmsa eval``, ``gmsa bench`` and ``gmsa demo`` (the ``[eval]`` extra).
 
-Modules: ``baselines`` (the compared methods), ``common`` (examples, models, cache),
-``reconstruct`` and ``qa`` (the two tasks), ``information`` (nats per
-token the soft tokens carry, against mismatched soft tokens), ``report`` (markdown, JSON, plots), ``cli``.
+``gmsa eval reconstruct|qa``: ``cli`` (the command), ``baselines`` (the compared methods), ``common``
+(examples, models, cache, the run loop), ``reconstruct`` and ``qa`` (the two tasks), ``information``
+(nats per token the soft tokens carry), ``metrics``, ``report`` (markdown, JSON, plots). ``gmsa bench``:
+``bench`` (the command), ``timing`` (instruments), ``passages`` (text of exact token counts),
+``bench_report``; both reports draw with ``render``. ``gmsa demo``: ``demo``.
 """

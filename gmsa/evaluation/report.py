@@ -6,13 +6,9 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .qa import PRIMARY_METRIC  # noqa: E402
-from .reconstruct import BUCKET_ORDER  # noqa: E402
+from .qa import PRIMARY_METRIC
+from .reconstruct import BUCKET_ORDER
+from .render import cell, markdown_table, pyplot, save_figure
 
 # (metric key, column title, format); the QA scores are percentages, the reconstruction ones 0-1.
 QA_COLUMNS = [
@@ -36,23 +32,11 @@ RECONSTRUCT_COLUMNS = [
 ]
 
 
-def _cell(value: object, fmt: str = "{}") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return fmt.format(value)
-
-
 def _metric_cell(metrics: dict, key: str, fmt: str) -> str:
-    cell = _cell(metrics.get(key), fmt)
+    text = cell(metrics.get(key), fmt)
     if f"{key}_se" in metrics:
-        cell += " ± " + _cell(metrics[f"{key}_se"], fmt)
-    return cell
-
-
-def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+        text += " ± " + cell(metrics[f"{key}_se"], fmt)
+    return text
 
 
 def _results_table(results: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -130,6 +114,7 @@ def _rate_axis(axis, rates: list[int]) -> None:
 
 def plot_vs_rate(results: list[dict], rates: list[int], metrics: list[tuple[str, str]], path: Path) -> None:
     """One panel per metric: quality against rate, a line per method (flat dashed for rate-free ones)."""
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in results))
     colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
@@ -146,15 +131,13 @@ def plot_vs_rate(results: list[dict], rates: list[int], metrics: list[tuple[str,
         axis.set_ylim(bottom=min(0.0, axis.get_ylim()[0]))  # an honest baseline: scores start at 0
         axis.set_title(title)
     axes[0][0].legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_bleu_by_length(results: list[dict], path: Path) -> None:
     """Grouped bars: reconstruction BLEU per length bucket, one bar per (model, rate)."""
     buckets = [b for b in BUCKET_ORDER if any(b in r["by_bucket"] for r in results)]
-    figure, axis = plt.subplots(figsize=(max(6, 2.2 * len(buckets)), 4))
+    figure, axis = pyplot().subplots(figsize=(max(6, 2.2 * len(buckets)), 4))
     width = 0.8 / max(1, len(results))
     for i, r in enumerate(results):
         heights = [r["by_bucket"].get(b, {}).get("bleu", 0.0) for b in buckets]
@@ -165,9 +148,7 @@ def plot_bleu_by_length(results: list[dict], path: Path) -> None:
     axis.set_title("reconstruction BLEU by passage length")
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def write_report(out_dir: str | Path, payload: dict, predictions: list[dict]) -> list[Path]:

@@ -1,1 +1,2 @@
-"""Parts of the HTTP server (``gmsa serve``): schemas, request guards, micro-batching worker, metrics."""
+"""The HTTP server (``gmsa serve``, the ``[serve]`` extra): app and routes, the service behind them, its errors,
+the compressed-context store, schemas, request guards, the micro-batching model worker and metrics."""

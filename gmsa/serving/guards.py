@@ -3,7 +3,8 @@
 :class:`GuardMiddleware` refuses, in this order and without reading the body: a missing or
 wrong API key (401), a declared body over the limit (413), a body that is not JSON on a route
 that takes JSON (415). It also caps bodies sent without a ``Content-Length``. The error
-handlers answer every error as JSON without echoing the input back.
+handlers answer every error as JSON without echoing the input back, and are the one place where the
+service's errors (:mod:`gmsa.serving.errors`) become HTTP statuses.
 """
 
 from __future__ import annotations
@@ -21,18 +22,30 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import errors
+from .errors import BusyError, ServiceError
+
 log = logging.getLogger(__name__)
 # the ASGI receive of the request being served: the service watches it for the client going away
 CLIENT_RECEIVE: ContextVar[Receive] = ContextVar("gmsa_client_receive")
 _bearer = HTTPBearer(auto_error=False, description="the server's API key (--api-key or GMSA_API_KEY)")
 PUBLIC_PATHS = frozenset({"/healthz"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-MAX_ECHO_CHARS = 40
+HTTP_STATUS: dict[type[ServiceError], int] = {
+    errors.InvalidRequestError: 422,
+    errors.NotFoundError: 404,
+    errors.ConflictError: 409,
+    errors.TooLargeError: 413,
+    errors.BusyError: 429,
+    errors.ClientGoneError: 499,  # nginx's "client closed request": only the logs and metrics see it
+    errors.DamagedContextError: 500,
+    errors.TimedOutError: 504,
+}
 
 
-def shorten(value: str, limit: int = MAX_ECHO_CHARS) -> str:
-    """``value`` cut to ``limit`` characters (with an ellipsis): client input echoed in errors stays small."""
-    return value if len(value) <= limit else value[:limit] + "..."
+def http_status(err: ServiceError) -> int:
+    """The HTTP status of a service error."""
+    return next(status for kind, status in HTTP_STATUS.items() if isinstance(err, kind))
 
 
 def require_api_key(
@@ -121,7 +134,13 @@ class AsciiJSONResponse(JSONResponse):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """422s without echoing the input back (unexpected errors are answered by the metrics middleware)."""
+    """Service errors with their status, 422s without echoing the input back (unexpected errors are answered
+    by the metrics middleware)."""
+
+    @app.exception_handler(ServiceError)
+    async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, BusyError) else None
+        return JSONResponse({"detail": str(exc)}, http_status(exc), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

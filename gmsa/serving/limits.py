@@ -1,4 +1,4 @@
-"""Size limits of ``gmsa serve`` in characters and tokens, checked before a request is queued (413)."""
+"""Size limits of ``gmsa serve`` in characters and tokens, checked before a request is queued (``TooLargeError``)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ import copy
 import json
 import math
 
-from fastapi import HTTPException
-
 from ..api import GMSA
+from .errors import TooLargeError
 from .settings import ServeSettings
-
-
-def too_large(message: str) -> HTTPException:
-    return HTTPException(413, message)
 
 
 class Limits:
@@ -35,29 +30,29 @@ class Limits:
         """At most ``max_batch`` texts of at most ``max_text_chars`` characters."""
         settings = self.settings
         if len(texts) > settings.max_batch:
-            raise too_large(f"{len(texts)} {what}, more than this server's limit of {settings.max_batch}")
+            raise TooLargeError(f"{len(texts)} {what}, more than this server's limit of {settings.max_batch}")
         for i, text in enumerate(texts):
             if len(text) > settings.max_text_chars:
                 limit = settings.max_text_chars
-                raise too_large(f"{what}[{i}] has {len(text)} characters, more than this server's limit of {limit}")
+                raise TooLargeError(f"{what}[{i}] has {len(text)} characters, more than this server's limit of {limit}")
 
     def check_metadata(self, metadata: dict | None) -> None:
         size = len(json.dumps(metadata or {}, ensure_ascii=False).encode("utf-8", "replace"))
         if size > self.settings.max_metadata_bytes:
             limit = self.settings.max_metadata_bytes
-            raise too_large(f"metadata is {size} bytes of JSON, more than this server's limit of {limit}")
+            raise TooLargeError(f"metadata is {size} bytes of JSON, more than this server's limit of {limit}")
 
     # ----------------------------------------------------------------- tokens
     def check_tokens(self, counts: list[int], what: str, limit: int) -> None:
         for i, n in enumerate(counts):
             if n > limit:
-                raise too_large(f"{what}[{i}] has {n} tokens, more than this server accepts ({limit})")
+                raise TooLargeError(f"{what}[{i}] has {n} tokens, more than this server accepts ({limit})")
 
     def check_request(self, total: int) -> None:
         """All texts and questions of one request together."""
         if total > self.settings.max_request_tokens:
             limit = self.settings.max_request_tokens
-            raise too_large(
+            raise TooLargeError(
                 f"the request has {total} tokens of text and questions, more than this server accepts ({limit})"
             )
 
@@ -89,10 +84,12 @@ class Limits:
         limit = self.settings.max_sequence_tokens
         for i, n in enumerate(sequences):
             if n > limit:
-                raise too_large(f"answer {i} needs {n} positions ({what}), more than this server accepts ({limit})")
+                raise TooLargeError(f"answer {i} needs {n} positions ({what}), more than this server accepts ({limit})")
 
     def check_batch(self, tokens: int, what: str) -> None:
         """One request must fit in one micro-batch (``max_batch_tokens``)."""
         limit = self.settings.max_batch_tokens
         if tokens > limit:
-            raise too_large(f"the request needs {tokens} tokens of {what} in one batch; this server's limit is {limit}")
+            raise TooLargeError(
+                f"the request needs {tokens} tokens of {what} in one batch; this server's limit is {limit}"
+            )

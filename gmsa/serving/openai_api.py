@@ -15,12 +15,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import AnswerTask
+from .errors import InvalidRequestError, NotFoundError, ServiceError, TooLargeError
+from .guards import http_status
 from .scheduler import JobFuture
 from .schemas import CONFLICT, ERROR_RESPONSES, MAX_RATE, NOT_FOUND, ContextId, Text
 from .service import Deadline, GMSAService
@@ -100,16 +102,16 @@ class ChatCompletions:
         limit = self.service.settings.max_new_tokens
         asked = body.max_completion_tokens or body.max_tokens
         if asked is not None and asked > limit:
-            raise HTTPException(422, f"max_tokens {asked} is over this server's limit of {limit}")
+            raise InvalidRequestError(f"max_tokens {asked} is over this server's limit of {limit}")
         return asked or min(DEFAULT_MAX_TOKENS, limit)
 
     async def prepare(self, body: ChatCompletionRequest) -> tuple[AnswerTask, int, int, Deadline]:
         """Check the request and build its soft-token prompt; (task, cost, prompt tokens, deadline)."""
         service = self.service
         if body.model not in (self.model_id, MODEL_ALIAS):
-            raise HTTPException(404, f"no model {body.model[:40]!r}: GET /v1/models lists this server's")
+            raise NotFoundError(f"no model {body.model[:40]!r}: GET /v1/models lists this server's")
         if not (body.context_ids or body.context_texts):
-            raise HTTPException(422, "give context_ids or context_texts: the soft tokens the messages are about")
+            raise InvalidRequestError("give context_ids or context_texts: the soft tokens the messages are about")
         deadline = Deadline(service.settings.request_timeout_s)
         prompt = render_prompt(body.messages)
         service.limits.check_texts([prompt], "messages")
@@ -117,7 +119,7 @@ class ChatCompletions:
         (n_prompt,) = await run_in_threadpool(service.limits.count, [prompt])
         service.limits.check_tokens([n_prompt], "messages", service.settings.max_question_tokens)
         if body.context_ids and len(body.context_ids) > service.settings.max_batch:
-            raise HTTPException(413, f"{len(body.context_ids)} context_ids, more than {service.settings.max_batch}")
+            raise TooLargeError(f"{len(body.context_ids)} context_ids, more than {service.settings.max_batch}")
         context, _ = await service.prompt_context(body.context_ids or [], body.context_texts or [], body.rate, deadline)
         cost = await run_in_threadpool(service.limits.questions, [prompt], context.n_soft_tokens, max_new)
         task = AnswerTask(context, [prompt], max_new, body.repetition_penalty)
@@ -187,8 +189,8 @@ class ChatCompletions:
                     sent = text
             try:
                 answer = self.service.result(waiter, deadline).value[0]
-            except HTTPException as err:  # the answer has begun: report the error as an event
-                yield _error_event(err.status_code, err.detail)
+            except ServiceError as err:  # the answer has begun: report the error as an event
+                yield _error_event(http_status(err), str(err))
                 return
             if answer.startswith(sent) and len(answer) > len(sent):
                 yield event({"content": answer[len(sent) :]})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
+
+from .store import record_types
 
 MAX_RATE = 1024
 
@@ -106,25 +108,17 @@ class CompressResponse(BaseModel):
     timings: Timings
 
 
-class ContextInfo(BaseModel):
-    """Metadata of a stored context."""
+def _context_info() -> type[BaseModel]:
+    """``ContextInfo``: the fields of the store's ``ContextRecord``, with ``compression_ratio`` after the counts."""
+    fields: dict[str, Any] = {}
+    for name, kind in record_types().items():
+        fields[name] = (kind, ...)
+        if name == "n_soft_tokens":
+            fields["compression_ratio"] = (float, ...)
+    return create_model("ContextInfo", __doc__="Metadata of a stored context.", **fields)
 
-    id: str
-    content_sha256: str
-    backbone: str
-    backbone_fingerprint: str
-    checkpoint_id: str
-    gmsa_version: str
-    rate: int
-    n_tokens: int
-    n_soft_tokens: int
-    compression_ratio: float
-    hidden_size: int
-    dtype: str
-    blob_sha256: str
-    blob_bytes: int
-    created_at: float
-    metadata: dict[str, Any]
+
+ContextInfo = _context_info()
 
 
 class AnswerRequest(Strict):

@@ -1,4 +1,7 @@
-"""What the routes do: limits, the store and the model worker, without HTTP plumbing."""
+"""What the routes do: limits, the store and the model worker, without HTTP plumbing.
+
+Refusals and failures are :mod:`gmsa.serving.errors`; the HTTP layer gives them their status codes.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,10 @@ import logging
 import math
 import time
 
-from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 
 from ..api import GMSA
 from ..compressed import Compressed
-from ..store import ContextRecord, ContextStore, StoreError, content_sha256, context_id
 from .batcher import (
     AnswerTask,
     CompressTask,
@@ -24,11 +25,23 @@ from .batcher import (
     concat,
     join_rows,
 )
-from .guards import CLIENT_RECEIVE, shorten
-from .limits import Limits, too_large
+from .errors import (
+    BusyError,
+    ClientGoneError,
+    ConflictError,
+    DamagedContextError,
+    InvalidRequestError,
+    NotFoundError,
+    TimedOutError,
+    TooLargeError,
+    shorten,
+)
+from .guards import CLIENT_RECEIVE
+from .limits import Limits
 from .scheduler import JobFuture, ModelWorker, WorkCancelledError
 from .schemas import AnswerRequest, CompressRequest, ContextSummary, Timings
 from .settings import ServeSettings
+from .store import ContextRecord, ContextStore, StoreError, content_sha256, context_id
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +88,7 @@ class GMSAService:
 
     # ----------------------------------------------------------------- model calls
     async def run(self, task: Task, deadline: Deadline, cost: int = 0) -> TaskResult:
-        """Run a task on the model worker; 429 if its queue is full, 504 past the deadline.
+        """Run a task on the model worker; ``BusyError`` if its queue is full, ``TimedOutError`` past the deadline.
 
         ``cost`` is the task's tokens (see :class:`Limits`): the worker's micro-batches stay under
         ``max_batch_tokens``.
@@ -98,28 +111,28 @@ class GMSAService:
             future.abandon("client gone" if gone in done else "deadline")
             waiter.cancel()
             if gone in done:
-                raise HTTPException(499, "the client closed the connection")
-            raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model")
+                raise ClientGoneError("the client closed the connection")
+            raise TimedOutError(f"timed out after {deadline.seconds:g} s waiting for the model")
         return self.result(waiter, deadline)
 
     def submit(self, task: Task, deadline: Deadline, cost: int = 0) -> JobFuture:
-        """Queue a task on the model worker (429 if its queue is full)."""
+        """Queue a task on the model worker (``BusyError`` if its queue is full)."""
         try:
             return self.worker.submit(task, cost, deadline.at)
         except QueueFullError as err:
-            raise HTTPException(429, f"{err}: retry later", {"Retry-After": "1"}) from err
+            raise BusyError(f"{err}: retry later") from err
 
     @staticmethod
     def result(waiter: asyncio.Future, deadline: Deadline) -> TaskResult:
-        """A finished task's result, or its error as an HTTP error."""
+        """A finished task's result, or its error as a service error."""
         try:
             return waiter.result()
         except WorkCancelledError as err:
-            raise HTTPException(504, f"timed out after {deadline.seconds:g} s waiting for the model") from err
+            raise TimedOutError(f"timed out after {deadline.seconds:g} s waiting for the model") from err
         except RequestTooLargeError as err:
-            raise too_large(str(err)) from err
+            raise TooLargeError(str(err)) from err
         except (ValueError, TypeError) as err:
-            raise HTTPException(422, str(err)) from err
+            raise InvalidRequestError(str(err)) from err
 
     # ----------------------------------------------------------------- routes
     async def compress(self, body: CompressRequest) -> tuple[list[ContextSummary], Timings]:
@@ -158,24 +171,32 @@ class GMSAService:
             return self.store.repair(sha, compressed, self.gmsa.config.backbone), False
         return self.store.put(sha, compressed, self.gmsa.config.backbone, body.metadata)
 
+    async def record(self, context_id_: str) -> ContextRecord:
+        """The record of a stored context (``NotFoundError`` if there is none)."""
+        record = await run_in_threadpool(self.store.get, context_id_)
+        if record is None:
+            raise NotFoundError(f"no context with id {shorten(context_id_)!r}")
+        return record
+
+    async def delete(self, context_id_: str) -> None:
+        """Delete a stored context (``NotFoundError`` if there is none)."""
+        if not await run_in_threadpool(self.store.delete, context_id_):
+            raise NotFoundError(f"no context with id {shorten(context_id_)!r}")
+
     async def stored(self, ids: list[str]) -> dict[str, Compressed]:
-        """Soft tokens of stored contexts; 404 for an unknown id, 409 for another model's."""
+        """Soft tokens of stored contexts (``NotFoundError``: an unknown id, ``ConflictError``: another model's)."""
         found = {}
         for i in dict.fromkeys(ids):
-            record = await run_in_threadpool(self.store.get, i)
-            if record is None:
-                raise HTTPException(404, f"no context with id {shorten(i)!r}")
-            self.check_same_model(record)
+            self.check_same_model(await self.record(i))
             try:
                 found[i] = await run_in_threadpool(self.store.load, i)
             except KeyError as err:  # deleted meanwhile
-                raise HTTPException(404, f"no context with id {shorten(i)!r}") from err
+                raise NotFoundError(f"no context with id {shorten(i)!r}") from err
             except StoreError as err:
                 log.error("stored context %s is damaged: %s", i, err)
-                raise HTTPException(
-                    500,
+                raise DamagedContextError(
                     f"stored context {i} is damaged (its file does not match what was written): "
-                    "POST its text again to repair it",
+                    "POST its text again to repair it"
                 ) from err
         return found
 
@@ -200,8 +221,7 @@ class GMSAService:
         config = self.gmsa.config
         ours = (config.backbone_fingerprint, self.gmsa.checkpoint_id)
         if (record.backbone_fingerprint, record.checkpoint_id) != ours:
-            raise HTTPException(
-                409,
+            raise ConflictError(
                 f"context {record.id} was made by checkpoint {record.checkpoint_id} on backbone "
                 f"{record.backbone_fingerprint}; this server runs {self.gmsa.checkpoint_id} on "
                 f"{config.backbone_fingerprint}: compress the text again",
@@ -213,7 +233,7 @@ class GMSAService:
         self.limits.check_texts(questions, "questions")
         limit = self.settings.max_new_tokens
         if body.max_new_tokens > limit and "max_new_tokens" in body.model_fields_set:
-            raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} is over this server's limit of {limit}")
+            raise InvalidRequestError(f"max_new_tokens {body.max_new_tokens} is over this server's limit of {limit}")
         max_new_tokens = min(body.max_new_tokens, limit)
         compressed_result = None
         if body.text is not None:
@@ -245,11 +265,9 @@ class GMSAService:
 
     async def reconstruct(self, context_id_: str) -> tuple[str, Timings]:
         deadline = Deadline(self.settings.request_timeout_s)
-        record = await run_in_threadpool(self.store.get, context_id_)
-        if record is None:
-            raise HTTPException(404, f"no context with id {shorten(context_id_)!r}")
+        record = await self.record(context_id_)
         if record.n_tokens > self.settings.max_reconstruct_tokens:
-            raise too_large(
+            raise TooLargeError(
                 f"context has {record.n_tokens} tokens; this server reconstructs at most "
                 f"{self.settings.max_reconstruct_tokens}"
             )

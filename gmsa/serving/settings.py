@@ -1,45 +1,40 @@
-"""Limits and knobs of ``gmsa serve`` (each field is also a command-line option)."""
+"""Limits and knobs of ``gmsa serve`` (each field is also a command-line option, :mod:`gmsa.cli_options`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
-
-def _option(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
+from ..cli_options import option
 
 
 @dataclass
 class ServeSettings:
     """Server limits; every violation is answered with a JSON 4xx."""
 
-    api_key: str | None = _option(None, "bearer token required on every route but /healthz")
-    max_text_chars: int = _option(100_000, "characters per text or question (413 above)")
-    max_text_tokens: int = _option(8192, "tokens per text (413 above; long texts are compressed window by window)")
-    max_question_tokens: int = _option(1024, "tokens per question (413 above)")
-    max_request_tokens: int = _option(65536, "tokens of all texts and questions of one request (413 above)")
-    max_sequence_tokens: int = _option(8192, "decoder positions per answer: soft tokens + question + max_new_tokens")
-    max_batch_tokens: int = _option(
+    api_key: str | None = option(
+        None, "require 'Authorization: Bearer KEY' on every route but /healthz (or set GMSA_API_KEY)"
+    )
+    max_text_chars: int = option(100_000, "characters per text or question (413 above)")
+    max_text_tokens: int = option(8192, "tokens per text (413 above; long texts are compressed window by window)")
+    max_question_tokens: int = option(1024, "tokens per question (413 above)")
+    max_request_tokens: int = option(65536, "tokens of all texts and questions of one request (413 above)")
+    max_sequence_tokens: int = option(8192, "decoder positions per answer: soft tokens + question + max_new_tokens")
+    max_batch_tokens: int = option(
         65536, "tokens per model micro-batch (texts to compress, or prompts + new tokens); one request over it is 413"
     )
-    max_batch: int = _option(32, "texts or questions per request (413 above)")
-    max_new_tokens: int = _option(256, "largest max_new_tokens a request may ask for (422 above)")
-    max_reconstruct_tokens: int = _option(512, "largest context (in tokens) that may be reconstructed (413 above)")
-    max_metadata_bytes: int = _option(4096, "bytes of JSON metadata per request (413 above)")
-    max_body_bytes: int = _option(8 * 1024 * 1024, "bytes per request body (413 above)")
-    request_timeout_s: float = _option(60.0, "seconds a request may wait for the model (504 after)")
-    max_queue: int = _option(64, "requests waiting for the model (429 above)")
-    max_batch_items: int = _option(32, "texts/questions merged into one micro-batch")
-    batch_wait_ms: float = _option(5.0, "how long the worker waits for more requests to batch")
-    model_batch_size: int = _option(8, "rows per forward pass inside a micro-batch (bounds memory)")
-    unit_tokens: int = _option(
+    max_batch: int = option(32, "texts or questions per request (413 above)")
+    max_new_tokens: int = option(256, "largest max_new_tokens a request may ask for (422 above)")
+    max_reconstruct_tokens: int = option(512, "largest context (in tokens) that may be reconstructed (413 above)")
+    max_metadata_bytes: int = option(4096, "bytes of JSON metadata per request (413 above)")
+    max_body_bytes: int = option(8 * 1024 * 1024, "bytes per request body (413 above)")
+    request_timeout_s: float = option(60.0, "seconds a request may wait for the model (504 after)")
+    max_queue: int = option(64, "requests waiting for the model (429 above)")
+    max_batch_items: int = option(32, "texts/questions merged into one micro-batch")
+    batch_wait_ms: float = option(5.0, "how long the worker waits for more requests to batch")
+    model_batch_size: int = option(8, "rows per forward pass inside a micro-batch (bounds memory)")
+    unit_tokens: int = option(
         2048, "tokens per encoder unit of work (at least one window); the worker switches between units"
     )
-    scheduler_aging: float = _option(
+    scheduler_aging: float = option(
         0.5, "share of waiting time credited to a run's priority (0: pure least-served-first)"
     )
-
-
-def setting_fields():
-    """The fields of :class:`ServeSettings` that are plain command-line options (all but the API key)."""
-    return [f for f in fields(ServeSettings) if f.name != "api_key"]

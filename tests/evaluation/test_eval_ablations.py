@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from gmsa import GMSA, GMSAConfig
-from gmsa.ablations import MemoryTokens
-from gmsa.data import pad
-from gmsa.model import set_stage, trained_state_dict
-from gmsa.train import TrainConfig
+from gmsa.merge import MeanPooling
+from gmsa.model import pad, set_stage, trained_state_dict
+from gmsa.training.config import TrainConfig
 
 TEXTS = ["Paris is the capital of France and its largest city.", "The quick brown fox jumps over the lazy dog."]
 
@@ -30,7 +29,7 @@ def test_config_validates_merge():
     assert GMSAConfig().merge == "mean"
     with pytest.raises(ValueError, match="merge must be mean or memory"):
         GMSAConfig(merge="max")
-    assert TrainConfig(merge="memory").model_config().merge == "memory"
+    assert TrainConfig.from_dict({"merge": "memory"}).model_config().merge == "memory"
 
 
 @pytest.mark.parametrize("rate", [1, 2, 3, 4])
@@ -61,20 +60,20 @@ def test_memory_states_read_the_context_and_the_table(memory_gmsa):
     other_text = memory_gmsa.compress(["Paris is the capital of Spain and its largest city."], rate=4).soft_tokens[0]
     assert first.shape == other_text.shape and not torch.allclose(first, other_text)
     with torch.no_grad():
-        memory_gmsa.model.memory.embeddings.add_(1.0)
+        memory_gmsa.model.merger.embeddings.add_(1.0)
     assert not torch.allclose(first, memory_gmsa.compress([TEXTS[0]], rate=4).soft_tokens[0])
 
 
 def test_memory_is_trained_in_the_ae_stage_and_saved(memory_gmsa, tmp_path):
     model = memory_gmsa.model
     trainable = set_stage(model, "ae")
-    assert "memory.embeddings" in trainable
+    assert "merger.embeddings" in trainable
     assert not any(name.startswith("decoder.") for name in trainable)
     ids, context_ids, context_mask = _batch(memory_gmsa, TEXTS)
     prompt_ids, prompt_mask = pad([ids[0][:3]] * 2, memory_gmsa.tokenizer.pad_token_id)
     loss = model(context_ids, context_mask, 2, prompt_ids, prompt_mask, context_ids, context_mask)
     loss.backward()
-    assert model.memory.embeddings.grad is not None and model.memory.embeddings.grad.abs().sum() > 0
+    assert model.merger.embeddings.grad is not None and model.merger.embeddings.grad.abs().sum() > 0
     assert "memory.embeddings" in trained_state_dict(model)
 
     memory_gmsa.model.eval()
@@ -87,17 +86,8 @@ def test_memory_is_trained_in_the_ae_stage_and_saved(memory_gmsa, tmp_path):
 
 
 def test_mean_models_have_no_memory_table(tiny_gmsa):
-    assert tiny_gmsa.model.memory is None
+    assert isinstance(tiny_gmsa.model.merger, MeanPooling) and not list(tiny_gmsa.model.merger.parameters())
     assert not any(key.startswith("memory.") for key in trained_state_dict(tiny_gmsa.model))
-
-
-def test_memory_table_too_small_is_an_error(tiny_gmsa):
-    table = MemoryTokens(tiny_gmsa.model.decoder, max_slots=2)
-    embeds = torch.zeros(1, 9, tiny_gmsa.model.hidden_size)
-    with pytest.raises(ValueError, match="needs 3 memory tokens, the table has 2"):
-        table(tiny_gmsa.model.encoder, embeds, torch.ones(1, 9), 4)
-    with pytest.raises(ValueError, match="max_slots must be >= 1"):
-        MemoryTokens(tiny_gmsa.model.decoder, max_slots=0)
 
 
 @pytest.mark.parametrize("lsa_init", ["random", "linear"])

@@ -11,7 +11,7 @@ import torch
 from gmsa import cli as gmsa_cli
 from gmsa.evaluation import baselines
 from gmsa.evaluation.cli import BASELINE_NAMES, main
-from gmsa.metrics import bleu, semantic_available
+from gmsa.evaluation.metrics import bleu, semantic_available
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -125,6 +125,20 @@ def test_reconstruct_compares_models_by_length_bucket(eval_env, backbone_dir, ae
     for name in ("reconstruct_vs_rate.png", "bleu_by_length.png"):
         assert (eval_env / "ae" / name).read_bytes()[:8] == PNG_MAGIC
     assert "BLEU by passage length" in (eval_env / "ae" / "results.md").read_text()
+
+
+def test_max_tokens_keeps_only_short_contexts(eval_env, backbone_dir, qa_data):
+    argv = ["eval", "qa", "--backbone", str(backbone_dir), "--data", str(qa_data), "--model", "untrained:k_enc=2"]
+    argv += ["--baselines", "--max-new-tokens", "2", "--out", str(eval_env / "out")]
+    assert main(argv) == 0
+    every = json.loads((eval_env / "out" / "results.json").read_text())["n_examples"]
+    tokens = sorted({row["n_tokens"] for row in _read_jsonl(eval_env / "out" / "predictions.jsonl")})
+    assert len(tokens) > 1, "the fixture needs contexts of different lengths"
+    assert main(argv + ["--max-tokens", str(tokens[0])]) == 0
+    payload = json.loads((eval_env / "out" / "results.json").read_text())
+    assert payload["max_tokens"] == tokens[0]
+    assert 1 <= payload["n_examples"] < every
+    assert all(row["n_tokens"] <= tokens[0] for row in _read_jsonl(eval_env / "out" / "predictions.jsonl"))
 
 
 @pytest.mark.parametrize(

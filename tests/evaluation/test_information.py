@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from gmsa.data import Example, collate
 from gmsa.evaluation.information import Information, shifted, soft_token_information
 from gmsa.model import set_stage
-from tests.test_train import SENTENCES
+from gmsa.training.data import Example, collate
+from tests.training.test_train import SENTENCES
 
 
 def ae_examples(gmsa) -> list[Example]:

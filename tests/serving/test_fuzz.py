@@ -9,9 +9,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from gmsa.server import create_app
+from gmsa.serving.server import create_app
 from gmsa.serving.settings import ServeSettings
-from gmsa.store import ContextStore
+from gmsa.serving.store import ContextStore
 
 FUZZ_KEY = "fuzz-key"
 # Data that breaks the schema must be refused with one of these (413: a size limit, as the issue asks).

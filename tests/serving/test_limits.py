@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-
 import pytest
 
 from gmsa.serving.batcher import CompressTask
@@ -12,36 +9,15 @@ from gmsa.serving.batcher import CompressTask
 FOX = "The quick brown fox jumps over the lazy dog."
 
 
-@contextmanager
-def busy_worker(client, model, monkeypatch):
-    """The model worker is inside a compression that waits until the block exits."""
-    gate, entered = threading.Event(), threading.Event()
-    compress_steps = model.compress_steps
-
-    def waiting_compress_steps(*args, **kwargs):  # what the worker calls, one unit per step
-        entered.set()
-        gate.wait(20)
-        return (yield from compress_steps(*args, **kwargs))
-
-    monkeypatch.setattr(model, "compress_steps", waiting_compress_steps)
-    future = client.app.state.service.worker.submit(CompressTask([FOX], 4, 64))
-    assert entered.wait(10)
-    try:
-        yield
-    finally:
-        gate.set()
-        future.result(10)
-
-
 def n_tokens(model, text: str) -> int:
     return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def test_a_long_question_is_413_while_the_worker_is_busy(serve, model, monkeypatch):
+def test_a_long_question_is_413_while_the_worker_is_busy(serve, model, busy_worker):
     client = serve()
     question = "Which of the many words in this question matters? " * 800  # ~8k tokens of the real tokenizer
     text_id = client.post("/v1/contexts", json={"text": FOX}).json()["contexts"][0]["id"]
-    with busy_worker(client, model, monkeypatch):
+    with busy_worker(client):
         response = client.post("/v1/answers", json={"context_id": text_id, "question": question})
         assert client.app.state.service.worker.queue_depth == 0  # refused before queueing
     assert response.status_code == 413
@@ -68,18 +44,18 @@ def test_a_long_question_is_413_while_the_worker_is_busy(serve, model, monkeypat
         ),
     ],
 )
-def test_token_limits_are_413_before_queueing(serve, model, monkeypatch, settings, path, body, message):
+def test_token_limits_are_413_before_queueing(serve, model, busy_worker, settings, path, body, message):
     client = serve(**settings)
-    with busy_worker(client, model, monkeypatch):
+    with busy_worker(client):
         response = client.post(path, json=body)
         assert client.app.state.service.worker.queue_depth == 0
     assert response.status_code == 413 and message in response.json()["detail"], response.text
 
 
-def test_micro_batches_stay_under_the_token_budget(serve, model, monkeypatch):
+def test_micro_batches_stay_under_the_token_budget(serve, model, busy_worker):
     client = serve(max_batch_tokens=100)
     worker = client.app.state.service.worker
-    with busy_worker(client, model, monkeypatch):
+    with busy_worker(client):
         futures = [worker.submit(CompressTask([text], 4, 64), cost) for text, cost in [(FOX, 60), (FOX + "!", 60)]]
         small = [worker.submit(CompressTask([FOX + "?"], 4, 64), 30)]
     results = [future.result(10) for future in futures + small]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from gmsa.store import content_sha256
+from gmsa.serving.store import content_sha256
 
 FOX = "The quick brown fox jumps over the lazy dog."
 PARIS = "Paris is the capital of France and its largest city."

