@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import random
 import re
+import statistics
 import string
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -40,6 +42,20 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     import sacrebleu
 
     return sacrebleu.corpus_bleu(hypotheses, [references]).score / 100.0
+
+
+def bleu_standard_error(hypotheses: list[str], references: list[str], samples: int = 200, seed: int = 0) -> float:
+    """Standard error of corpus BLEU: the spread of BLEU over passages resampled with replacement."""
+    _check_pairs(hypotheses, references)
+    if len(hypotheses) < 2:
+        return 0.0
+    rng = random.Random(seed)
+    n = len(hypotheses)
+    scores = []
+    for _ in range(samples):
+        picked = [rng.randrange(n) for _ in range(n)]
+        scores.append(bleu([hypotheses[i] for i in picked], [references[i] for i in picked]))
+    return statistics.stdev(scores)
 
 
 def prefix_exact_match(hypothesis: str, reference: str, tokenize: Callable[[str], list] = str.split) -> float:

@@ -20,7 +20,15 @@ from .common import (
     mean,
     prediction_row,
 )
-from .metrics import ROUGE_TYPES, bleu, prefix_exact_match, rouge, semantic_available, semantic_similarity
+from .metrics import (
+    ROUGE_TYPES,
+    bleu,
+    bleu_standard_error,
+    prefix_exact_match,
+    rouge,
+    semantic_available,
+    semantic_similarity,
+)
 
 RECONSTRUCT_METRICS = ("bleu", "prefix_em", *ROUGE_TYPES, "semantic")
 BUCKET_ORDER = [name for name, _, _ in LENGTH_BUCKETS] + [OVER_BUCKETS]
@@ -28,7 +36,8 @@ BUCKET_ORDER = [name for name, _, _ in LENGTH_BUCKETS] + [OVER_BUCKETS]
 
 def aggregate_reconstruct(rows: list[dict]) -> dict:
     """Corpus BLEU and the mean per-passage scores of ``rows`` (``semantic`` only if scored)."""
-    summary = {"n": len(rows), "bleu": bleu([r["output"] for r in rows], [r["reference"] for r in rows])}
+    outputs, references = [r["output"] for r in rows], [r["reference"] for r in rows]
+    summary = {"n": len(rows), "bleu": bleu(outputs, references), "bleu_se": bleu_standard_error(outputs, references)}
     for name in RECONSTRUCT_METRICS[1:]:
         values = [r["scores"][name] for r in rows if name in r["scores"]]
         if values:

@@ -8,6 +8,7 @@ import pytest
 
 from gmsa.evaluation.metrics import (
     bleu,
+    bleu_standard_error,
     contains_answer,
     exact_match,
     normalize_answer,
@@ -41,6 +42,23 @@ def test_bleu_length_mismatch_and_empty():
     with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
         bleu(["a", "b"], ["a"])
     assert bleu([], []) == 0.0
+
+
+def test_bleu_standard_error_is_zero_when_every_passage_scores_the_same():
+    texts = ["a b c d e", "f g h i j", "k l m n o"]
+    assert bleu_standard_error(texts, texts) == 0.0
+    assert bleu_standard_error(["a b c d e"], ["a b c d e"]) == 0.0  # one passage: nothing to resample
+
+
+def test_bleu_standard_error_spreads_with_mixed_passages_and_is_seeded():
+    hypotheses = ["a b c d e", "f g h i j", "x y z w v", "k l m n o"]
+    references = ["a b c d e", "f g h i j", "p q r s t", "k l m n o"]
+    spread = bleu_standard_error(hypotheses, references, samples=100)
+    # resamples without the wrong passage score 1, the others less: a spread of a few tenths
+    assert 0.05 < spread < 0.5
+    assert spread == bleu_standard_error(hypotheses, references, samples=100)
+    with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
+        bleu_standard_error(["a", "b"], ["a"])
 
 
 # ----------------------------------------------------------------------------- prefix exact match
