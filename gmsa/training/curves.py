@@ -32,6 +32,12 @@ def smooth(values: list[float], window: int = 20) -> list[float]:
     return out
 
 
+def plot_measured(axis, rows: list[dict], key: str) -> None:
+    """``key`` against step over the rows that measured it (a rate may join the validation later)."""
+    measured = [r for r in rows if key in r]
+    axis.plot([r["step"] for r in measured], [r[key] for r in measured], marker="o", label=key)
+
+
 def plot(metrics: str | Path, out: str | Path) -> None:
     """Loss (left) and, when the run measured it (AE), validation BLEU (right)."""
     train, val = latest_rows(read_jsonl(metrics))
@@ -42,14 +48,14 @@ def plot(metrics: str | Path, out: str | Path) -> None:
     left.plot(steps, [r["loss"] for r in train], alpha=0.3, label="loss")
     left.plot(steps, smooth([r["loss"] for r in train]), label="loss (20-step mean)")
     for key in sorted({k for r in val for k in r if k.startswith("val_loss")}):
-        left.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+        plot_measured(left, val, key)
     left.set_xlabel("step")
     left.set_ylabel("cross entropy")
     left.legend()
     if bleu_keys:
         right = axes[0][1]
         for key in bleu_keys:
-            right.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+            plot_measured(right, val, key)
         right.set_xlabel("step")
         right.set_ylabel("validation reconstruction BLEU")
         right.legend()
@@ -65,8 +71,8 @@ def compare(runs: dict[str, str | Path], out: str | Path, val_key: str = "val_lo
     for label, metrics in runs.items():
         train, val = latest_rows(read_jsonl(metrics))
         left.plot([r["step"] for r in train], smooth([r["loss"] for r in train]), label=label)
-        val = [r for r in val if val_key in r]
-        right.plot([r["step"] for r in val], [r[val_key] for r in val], marker="o", label=label)
+        measured = [r for r in val if val_key in r]
+        right.plot([r["step"] for r in measured], [r[val_key] for r in measured], marker="o", label=label)
     left.set_ylabel("training cross entropy (20-step mean)")
     right.set_ylabel(val_key)
     for axis in (left, right):

@@ -35,6 +35,14 @@ def test_single_run_and_comparison_plots_are_written(tmp_path):
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_rate_that_joins_the_validation_later_is_plotted_from_then_on(tmp_path):
+    path = write_metrics(tmp_path / "m.jsonl", [4.0, 3.5, 3.2, 3.0])
+    later = {"step": 4, "val_loss_x4": 3.0, "val_bleu_x4": 0.4, "val_loss_x8": 3.6, "val_bleu_x8": 0.1}
+    path.write_text(path.read_text() + json.dumps(later) + "\n")
+    assert main([str(path), str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("argv", [[], ["only-one.jsonl"], ["--compare", "out.png"]])
 def test_wrong_arguments_print_the_usage(argv, capsys):
     assert main(argv) == 2
