@@ -110,22 +110,10 @@ class RepeatDetector:
         return looped
 
 
-@torch.inference_mode()
-def greedy_generate(
-    decoder: PreTrainedModel,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
-    min_new_tokens: int = 0,
-    repeat_ngram: int = 0,
-    streamer=None,
-) -> tuple[torch.Tensor, DynamicCache]:
-    """Greedy decoding after one prefill over left-padded input embeddings.
+def greedy_generate(*args, **kwargs) -> tuple[torch.Tensor, DynamicCache]:
+    """Greedy decoding after one prefill over left-padded input embeddings: :func:`greedy_steps` run to its end.
 
-    Args:
+    Args (those of :func:`greedy_steps`):
         inputs_embeds: ``(B, T, H)`` prompt embeddings, left-padded.
         attention_mask: ``(B, T)`` 1 for real positions.
         eos_token_id: a sample stops after emitting it (later slots get ``pad_token_id``);
@@ -140,19 +128,7 @@ def greedy_generate(
         ``(B, n)`` generated ids (``n <= max_new_tokens``: stops early once all samples ended),
         and the cache (prompt + generated tokens).
     """
-    steps = greedy_steps(
-        decoder,
-        inputs_embeds,
-        attention_mask,
-        max_new_tokens,
-        repetition_penalty,
-        eos_token_id,
-        pad_token_id,
-        min_new_tokens,
-        repeat_ngram,
-        streamer,
-    )
-    return drain(steps)
+    return drain(greedy_steps(*args, **kwargs))
 
 
 def drain(steps: Generator):

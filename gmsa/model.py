@@ -278,20 +278,12 @@ class GMSAModel(nn.Module):
         ]
         return pack(pieces, left_pad=left_pad)
 
-    def forward(
-        self,
-        context_ids: torch.Tensor,
-        context_mask: torch.Tensor,
-        rates: torch.Tensor | int,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        target_ids: torch.Tensor,
-        target_mask: torch.Tensor,
-        reduction: str = "mean",
-    ) -> torch.Tensor:
-        """Cross entropy over all real target tokens of the batch: their mean (or ``"sum"``), a scalar."""
-        logits = self.target_logits(context_ids, context_mask, rates, prompt_ids, prompt_mask, target_ids, target_mask)
-        return F.cross_entropy(logits.float(), target_ids[target_mask.bool()], reduction=reduction)
+    def forward(self, reduction: str = "mean", **batch: torch.Tensor) -> torch.Tensor:
+        """Cross entropy over all real target tokens of ``batch`` (the tensors :meth:`target_logits` takes,
+        by name): their mean (or ``"sum"``), a scalar."""
+        logits = self.target_logits(**batch)
+        targets = batch["target_ids"][batch["target_mask"].bool()]
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
     def target_logits(
         self,

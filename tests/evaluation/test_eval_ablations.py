@@ -71,7 +71,15 @@ def test_memory_is_trained_in_the_ae_stage_and_saved(memory_gmsa, tmp_path):
     assert not any(name.startswith("decoder.") for name in trainable)
     ids, context_ids, context_mask = _batch(memory_gmsa, TEXTS)
     prompt_ids, prompt_mask = pad([ids[0][:3]] * 2, memory_gmsa.tokenizer.pad_token_id)
-    loss = model(context_ids, context_mask, 2, prompt_ids, prompt_mask, context_ids, context_mask)
+    loss = model(
+        context_ids=context_ids,
+        context_mask=context_mask,
+        rates=2,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        target_ids=context_ids,
+        target_mask=context_mask,
+    )
     loss.backward()
     assert model.merger.embeddings.grad is not None and model.merger.embeddings.grad.abs().sum() > 0
     assert "memory.embeddings" in trained_state_dict(model)
