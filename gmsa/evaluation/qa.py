@@ -15,7 +15,7 @@ from ..api import GMSA
 from ..config import GMSAConfig
 from .baselines import BASELINES, Generation, GMSAMethod, LLMLingua, Method, Output, Uncompressed
 from .common import EvalRun, Example, cost_summary, evaluate_methods, mean, prediction_row
-from .metrics import qa_scores
+from .metrics import normalize_answer, qa_scores
 
 PRIMARY_METRIC = "contains"
 QA_METRICS = ("contains", "em", "f1")
@@ -66,12 +66,30 @@ def standard_error(values: list[float]) -> float:
     return math.sqrt(sum((v - centre) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
+YES_NO = {"yes", "no"}
+
+
+def is_yes_no(answers: list[str]) -> bool:
+    """A question whose gold answers are all "yes"/"no" (after SQuAD normalisation)."""
+    return all(normalize_answer(answer) in YES_NO for answer in answers)
+
+
 def aggregate_qa(rows: list[dict]) -> dict:
-    """Means (in %) of the per-example scores, the primary metric's standard error, budget and time."""
+    """Means (in %) of the per-example scores, the primary metric's standard error, budget and time.
+
+    Also the primary metric on the open questions alone (gold answer not yes/no: a model that says
+    "yes" to everything scores on the others) and the share of outputs that are a bare yes/no.
+    """
     summary = {"n": len(rows)}
     for name in QA_METRICS:
         summary[name] = 100 * mean([row["scores"][name] for row in rows])
     summary[f"{PRIMARY_METRIC}_se"] = 100 * standard_error([row["scores"][PRIMARY_METRIC] for row in rows])
+    open_scores = [row["scores"][PRIMARY_METRIC] for row in rows if not is_yes_no(row["answers"])]
+    summary["n_open"] = len(open_scores)
+    if open_scores:
+        summary[f"{PRIMARY_METRIC}_open"] = 100 * mean(open_scores)
+        summary[f"{PRIMARY_METRIC}_open_se"] = 100 * standard_error(open_scores)
+    summary["yes_no_outputs"] = 100 * mean([float(normalize_answer(row["output"]) in YES_NO) for row in rows])
     return summary | cost_summary(rows)
 
 

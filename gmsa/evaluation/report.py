@@ -13,6 +13,9 @@ from .render import cell, markdown_table, pyplot, save_figure
 # (metric key, column title, format); the QA scores are percentages, the reconstruction ones 0-1.
 QA_COLUMNS = [
     (PRIMARY_METRIC, f"{PRIMARY_METRIC} % (primary) ± s.e.", "{:.1f}"),
+    (f"{PRIMARY_METRIC}_open", f"{PRIMARY_METRIC} % on open questions ± s.e.", "{:.1f}"),
+    ("n_open", "open questions", "{:.0f}"),
+    ("yes_no_outputs", "bare yes/no outputs %", "{:.1f}"),
     ("em", "EM %", "{:.1f}"),
     ("f1", "F1 %", "{:.1f}"),
     ("context_tokens", "context tokens read", "{:.1f}"),
