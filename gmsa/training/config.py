@@ -97,10 +97,13 @@ class TrainConfig:
         return cls.from_dict(merged(values, nested(parse_overrides(overrides))))
 
     def model_config(self) -> GMSAConfig:
-        """The compressor a fresh run builds: decoder tuning only in the keft stage, a window of max_tokens or more."""
-        tuning = self.model.decoder_tuning if self.stage == "keft" else "none"
+        """The compressor a fresh run builds: decoder tuning (and its LoRA rank) only in the keft stage, a window
+        of max_tokens or more."""
         window = max(self.model.max_context_tokens, self.max_tokens)
-        return dataclasses.replace(self.model, decoder_tuning=tuning, max_context_tokens=window)
+        if self.stage == "keft":
+            return dataclasses.replace(self.model, max_context_tokens=window)
+        untuned = GMSAConfig.decoder_lora_r  # the dataclass default: the rank means nothing without tuning
+        return dataclasses.replace(self.model, decoder_tuning="none", decoder_lora_r=untuned, max_context_tokens=window)
 
     def max_tokens_at(self, step: int) -> int:
         caps = sorted((int(k), v) for k, v in self.curriculum.items())
