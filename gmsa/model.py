@@ -17,6 +17,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -336,7 +337,9 @@ def add_decoder_adapter(model: GMSAModel, adapter: str, r: int) -> None:
     """Inject a named LoRA (rank = alpha = ``r``) into the decoder's projections and keep every adapter active."""
     stack = base_model(model.decoder)
     lora = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=linear_module_names(stack))
-    inject_adapter_in_model(lora, stack, adapter_name=adapter)
+    with warnings.catch_warnings():  # a second named adapter is intended: peft warns about every one after the first
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(lora, stack, adapter_name=adapter)
     activate_adapters(model, None)
 
 
