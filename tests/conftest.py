@@ -93,6 +93,24 @@ def make_gmsa(path: Path, **overrides) -> GMSA:
     return GMSA.from_backbone(path, GMSAConfig(**(TINY | overrides)), dtype="float32")
 
 
+class StreamRecorder:
+    """A ``transformers`` streamer that keeps every token it is given and counts the ends."""
+
+    def __init__(self):
+        self.tokens, self.ends = [], 0
+
+    def put(self, value):
+        self.tokens += value.tolist()
+
+    def end(self):
+        self.ends += 1
+
+
+@pytest.fixture(name="stream_recorder")
+def stream_recorder_fixture() -> type[StreamRecorder]:
+    return StreamRecorder
+
+
 @pytest.fixture
 def tiny_gmsa(backbone_dir) -> GMSA:
     return make_gmsa(backbone_dir)

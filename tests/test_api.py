@@ -182,23 +182,13 @@ def test_reconstruct_starts_stops_near_the_source_length_and_caps(tiny_gmsa, mon
     assert kw == {"min_new_tokens": 1, "repeat_ngram": 8} and capped_kw["repeat_ngram"] == 0
 
 
-def test_a_streamer_gets_each_answer_in_turn(tiny_gmsa):
-    class Recorder:
-        def __init__(self):
-            self.tokens, self.ends = [], 0
-
-        def put(self, value):
-            self.tokens += value.tolist()
-
-        def end(self):
-            self.ends += 1
-
+def test_a_streamer_gets_each_answer_in_turn(tiny_gmsa, stream_recorder):
     compressed = tiny_gmsa.compress(TEXTS, rate=2)
     questions = ["What is the capital?", "Who jumps?"]
-    recorder = Recorder()
+    recorder = stream_recorder()
     streamed = tiny_gmsa.generate(compressed, questions, max_new_tokens=5, streamer=recorder)
     assert streamed == tiny_gmsa.generate(compressed, questions, max_new_tokens=5)
     assert recorder.ends == 2 and 2 <= len(recorder.tokens) <= 10
-    recorder = Recorder()
+    recorder = stream_recorder()
     assert tiny_gmsa.reconstruct(compressed, streamer=recorder) == tiny_gmsa.reconstruct(compressed)
     assert recorder.ends == 2

@@ -125,22 +125,12 @@ def test_repeat_ngram_stops_a_sample_at_its_first_loop(tiny_gmsa, n):
         assert row[:stop] == expected[:stop] and all(token == 1 for token in row[stop:])
 
 
-def test_a_streamer_gets_every_token_then_the_end(tiny_gmsa):
-    class Recorder:
-        def __init__(self):
-            self.tokens, self.ended = [], 0
-
-        def put(self, value):
-            self.tokens += value.tolist()
-
-        def end(self):
-            self.ended += 1
-
+def test_a_streamer_gets_every_token_then_the_end(tiny_gmsa, stream_recorder):
     compressed = tiny_gmsa.compress(TEXTS[1], rate=2)
     packed = tiny_gmsa.decoder_prompt(compressed, QUESTIONS[:1])
-    recorder = Recorder()
+    recorder = stream_recorder()
     ids, _ = greedy_generate(tiny_gmsa.model.decoder, packed.inputs_embeds, packed.attention_mask, 7, streamer=recorder)
-    assert recorder.tokens == ids[0].tolist() and recorder.ended == 1
+    assert recorder.tokens == ids[0].tolist() and recorder.ends == 1
     both = left_padded_prompt(tiny_gmsa)
     with pytest.raises(ValueError, match="one prompt at a time"):
         greedy_generate(tiny_gmsa.model.decoder, both.inputs_embeds, both.attention_mask, 7, streamer=recorder)
