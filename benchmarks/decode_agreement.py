@@ -5,7 +5,7 @@ The shipped checkpoint compresses each context (rate 4) and answers its question
 once per decoding path:
 
 * ``fp32`` (the reference): fp32 weights, the decoder's LoRA adapters unmerged, plain steps;
-* ``fp32 merged``: fp32, LoRA merged into the weights (:func:`gmsa.fast_decode.inference_copy`);
+* ``fp32 merged``: fp32, LoRA merged into the weights (:func:`gmsa.model.inference_copy`);
 * ``bf16``: bf16 weights, LoRA unmerged, plain steps (the earlier default);
 * ``bf16 merged``: bf16, LoRA merged;
 * ``bf16 merged + int8 steps``: bf16, LoRA merged, decoding steps on int8 weights (the default

@@ -9,7 +9,7 @@ alternating per repeat:
   ``bf16 + int8 steps`` (:class:`gmsa.fast_decode.Int8StepLinear`);
 * the shipped GMSA's decoder (an AE and a KEFT LoRA on every projection): ``fp32 LoRA`` and
   ``bf16 LoRA`` (adapters unmerged, the earlier path), ``bf16 merged`` (LoRA merged into the
-  weights, :func:`gmsa.fast_decode.inference_copy`) and ``bf16 merged + int8 steps`` (what
+  weights, :func:`gmsa.model.inference_copy`) and ``bf16 merged + int8 steps`` (what
   ``GMSA.generate`` decodes with where :func:`gmsa.fast_decode.resolve_int8` adopts int8).
 
 Per variant: the prefill seconds, the median and minimum per-step milliseconds (each step is

@@ -16,7 +16,7 @@ from .checkpoint import check_backbone, load_trained, read_checkpoint, write_che
 from .chunking import check_window, length_sorted_batches, plan_windows, soft_tokens_to_drop
 from .compressed import Compressed
 from .config import GMSAConfig
-from .decoding import drain, greedy_texts
+from .decoding import greedy_texts, run_to_end
 from .fast_decode import FastDecoder
 from .merge import check_rate
 from .model import GMSAModel, Packed, autoencoder_decoder, pad, trained_state_dict
@@ -168,27 +168,6 @@ class GMSA:
         return ids
 
     @torch.inference_mode()
-    def compress(
-        self,
-        texts: str | list[str],
-        rate: int | None = None,
-        batch_size: int = 8,
-        window: int | None = None,
-        overlap: int | None = None,
-        progress: bool = False,
-    ) -> Compressed:
-        """Compress each text into ``ceil(n_tokens / rate)`` soft tokens.
-
-        A text longer than ``window`` tokens (default ``config.window``) is split into windows
-        that re-read ``overlap`` tokens of the previous one (default ``config.window_overlap``, a
-        multiple of ``rate``); see :mod:`gmsa.chunking`. The windows of all texts are encoded
-        together in length-sorted batches of ``batch_size`` and each text's soft tokens are
-        concatenated in order: ``sum_w ceil(new_w / rate)`` of them, which is ``ceil(n / rate)``
-        when ``window - overlap`` is a multiple of the rate. ``progress``: a bar over the batches (several, on a tty).
-        """
-        return drain(self.compress_steps(texts, rate, batch_size, window, overlap, progress))
-
-    @torch.inference_mode()
     def compress_steps(
         self,
         texts: str | list[str],
@@ -198,10 +177,18 @@ class GMSA:
         overlap: int | None = None,
         progress: bool = False,
     ) -> Generator[int, None, Compressed]:
-        """:meth:`compress` one encoder batch at a time (for a server that interleaves requests).
+        """Compress each text into ``ceil(n_tokens / rate)`` soft tokens, one encoder batch per step.
 
-        Yields the number of windows each batch encoded and returns the :class:`Compressed`;
-        closing the generator stops the work.
+        A text longer than ``window`` tokens (default ``config.window``) is split into windows
+        that re-read ``overlap`` tokens of the previous one (default ``config.window_overlap``, a
+        multiple of ``rate``); see :mod:`gmsa.chunking`. The windows of all texts are encoded
+        together in length-sorted batches of ``batch_size`` and each text's soft tokens are
+        concatenated in order: ``sum_w ceil(new_w / rate)`` of them, which is ``ceil(n / rate)``
+        when ``window - overlap`` is a multiple of the rate. ``progress``: a bar over the batches (several, on a tty).
+
+        Yields the number of windows each batch encoded (for a server that interleaves requests;
+        closing the generator stops the work) and returns the :class:`Compressed`.
+        :meth:`compress` runs it to its end.
         """
         texts = _as_text_list(texts, "texts")
         rate = check_rate(self.config.default_rate if rate is None else rate)
@@ -225,6 +212,9 @@ class GMSA:
             self.checkpoint_id,
             extra={"backbone": self.config.backbone, "window": window, "overlap": overlap},
         )
+
+    compress = run_to_end(compress_steps)
+    """Compress each text into ``ceil(n_tokens / rate)`` soft tokens: :meth:`compress_steps` run to its end."""
 
     def _compress_windows(
         self, rows: list[list[int]], rate: int, batch_size: int, progress: bool = False

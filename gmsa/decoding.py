@@ -10,11 +10,17 @@ flash attention). Here the prefill runs the causal fast path and writes into buf
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import functools
+import inspect
+from collections.abc import Callable, Generator
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ReservedLayer(DynamicLayer):
@@ -110,34 +116,29 @@ class RepeatDetector:
         return looped
 
 
-def greedy_generate(*args, **kwargs) -> tuple[torch.Tensor, DynamicCache]:
-    """Greedy decoding after one prefill over left-padded input embeddings: :func:`greedy_steps` run to its end.
-
-    Args (those of :func:`greedy_steps`):
-        inputs_embeds: ``(B, T, H)`` prompt embeddings, left-padded.
-        attention_mask: ``(B, T)`` 1 for real positions.
-        eos_token_id: a sample stops after emitting it (later slots get ``pad_token_id``);
-            ``None`` always generates ``max_new_tokens`` tokens.
-        min_new_tokens: EOS is not chosen before this many tokens (1: never an empty answer).
-        repeat_ngram: ``n > 0`` stops a sample once its last ``n`` tokens repeat ``n`` tokens it
-            generated before (greedy decoding that loops never leaves the loop).
-        streamer: a ``transformers`` streamer (e.g. ``TextStreamer``) that gets each new token;
-            batch size 1 only.
-
-    Returns:
-        ``(B, n)`` generated ids (``n <= max_new_tokens``: stops early once all samples ended),
-        and the cache (prompt + generated tokens).
-    """
-    return drain(greedy_steps(*args, **kwargs))
-
-
-def drain(steps: Generator):
+def drain(steps: Generator[Any, Any, R]) -> R:
     """Run a step-wise generator (``greedy_steps``, ``GMSA.compress_steps``) to its end; return its value."""
     while True:
         try:
             next(steps)
         except StopIteration as done:
             return done.value
+
+
+def run_to_end(steps: Callable[P, Generator[Any, Any, R]]) -> Callable[P, R]:
+    """The plain function of a step-wise one: the same parameters, the generator's return value.
+
+    ``greedy_generate = run_to_end(greedy_steps)`` states the parameters once; type checkers, IDEs and
+    ``help`` show them on both functions.
+    """
+
+    @functools.wraps(steps)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return drain(steps(*args, **kwargs))
+
+    run.__doc__ = f"{steps.__name__} run to its end: what it returns.\n\n{inspect.cleandoc(steps.__doc__ or '')}"
+    run.__signature__ = inspect.signature(steps).replace(return_annotation=inspect.Signature.empty)
+    return run
 
 
 @torch.inference_mode()
@@ -153,10 +154,25 @@ def greedy_steps(
     repeat_ngram: int = 0,
     streamer=None,
 ) -> Generator[torch.Tensor, None, tuple[torch.Tensor, DynamicCache]]:
-    """:func:`greedy_generate` one forward pass at a time (for a server that interleaves requests).
+    """Greedy decoding after one prefill over left-padded input embeddings, one forward pass per step.
 
-    Yields the ``(B, n)`` ids generated so far after each token (the first after the prefill);
-    returns what :func:`greedy_generate` returns. Closing the generator stops the decoding.
+    Args:
+        inputs_embeds: ``(B, T, H)`` prompt embeddings, left-padded.
+        attention_mask: ``(B, T)`` 1 for real positions.
+        eos_token_id: a sample stops after emitting it (later slots get ``pad_token_id``);
+            ``None`` always generates ``max_new_tokens`` tokens.
+        min_new_tokens: EOS is not chosen before this many tokens (1: never an empty answer).
+        repeat_ngram: ``n > 0`` stops a sample once its last ``n`` tokens repeat ``n`` tokens it
+            generated before (greedy decoding that loops never leaves the loop).
+        streamer: a ``transformers`` streamer (e.g. ``TextStreamer``) that gets each new token;
+            batch size 1 only.
+
+    Yields the ``(B, n)`` ids generated so far after each token (the first after the prefill), for a
+    server that interleaves requests; closing the generator stops the decoding.
+
+    Returns:
+        ``(B, n)`` generated ids (``n <= max_new_tokens``: stops early once all samples ended),
+        and the cache (prompt + generated tokens). :func:`greedy_generate` runs it to its end.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
@@ -204,6 +220,10 @@ def greedy_steps(
     if streamer is not None:
         streamer.end()
     return generated, cache
+
+
+greedy_generate = run_to_end(greedy_steps)
+"""Greedy decoding after one prefill: :func:`greedy_steps` run to its end, ``(B, n)`` ids and the cache."""
 
 
 def answer_texts(tokenizer, output: torch.Tensor, max_new_tokens: list[int]) -> list[str]:

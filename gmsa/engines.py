@@ -31,7 +31,7 @@ from .backbone import cache_root
 from .config import GMSAConfig
 from .decoding import greedy_texts
 from .engine_args import ENGINES, add_engine_args  # noqa: F401  (re-exported)
-from .model import GMSAModel, merged_lora_copy, pack
+from .model import GMSAModel, inference_copy, pack
 from .version import __version__
 
 EXPORT_INFO = "gmsa_decoder.json"
@@ -223,7 +223,7 @@ def export_decoder(gmsa: GMSALike, directory: str | Path) -> Path:
     directory = Path(directory)
     decoder = gmsa.model.decoder
     if any("lora_" in name for name, _ in decoder.named_parameters()):
-        decoder = merged_lora_copy(decoder)
+        decoder = inference_copy(decoder)
     decoder.save_pretrained(directory)
     gmsa.tokenizer.save_pretrained(directory)
     (directory / EXPORT_INFO).write_text(json.dumps(export_info(gmsa), indent=2) + "\n")

@@ -4,7 +4,7 @@ A decoding step reads every weight of the decoder to produce one token; on a CPU
 memory traffic and per-call overhead, not arithmetic (the output projection over the vocabulary
 alone is a fifth of SmolLM2-135M's weights). Two things cut it:
 
-* :func:`inference_copy`: a trained GMSA decoder carries LoRA adapters on every projection (the AE
+* :func:`gmsa.model.inference_copy`: a trained GMSA decoder carries LoRA adapters on every projection (the AE
   adapter and the KEFT one), each adding two small matmuls, a scale and an add per projection
   and step. The copy has them merged into plain linear layers (in fp32, rounded once); every
   tensor that merging does not change is shared with the original, not copied.
@@ -20,7 +20,6 @@ steps where a start-up measurement finds them faster (:func:`measure_int8_step_s
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .model import same_tensors
+from .model import inference_copy, lora_tensors, same_tensors
 
 STEP_ROWS = 8  # inputs with at most this many rows (batch x new tokens) take the int8 path
 INT8_MIN_SPEEDUP = 1.2  # below this, the int8 rounding of the decoding steps is not worth it
@@ -126,36 +125,6 @@ def plain_linears(decoder: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------- the decoder GMSA decodes with
-def merged_linear(layer: LoraLayer) -> nn.Module:
-    """The plain layer that computes what ``layer`` computes now: its active adapters merged into
-    a new weight (in fp32, rounded once), or its base layer itself (shared) when none is active."""
-    base = layer.get_base_layer()
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if layer.disable_adapters or layer.merged or not active:
-        return base
-    own = copy.deepcopy(layer).float()
-    own.merge(adapter_names=active)
-    return own.get_base_layer().to(base.weight.dtype)
-
-
-def inference_copy(decoder: nn.Module, merge_lora: bool = True) -> nn.Module:
-    """A copy of ``decoder``'s modules with every LoRA layer replaced by :func:`merged_linear` (``merge_lora``).
-
-    Parameters and buffers that merging does not change (embeddings, norms, plain layers) are
-    shared with ``decoder``, not copied; hooks registered on ``decoder`` are not carried over.
-    """
-    memo: dict[int, object] = {id(t): t for t in (*decoder.parameters(), *decoder.buffers())}
-    if merge_lora:
-        memo |= {id(m): merged_linear(m) for m in decoder.modules() if isinstance(m, LoraLayer)}
-    memo |= {
-        id(value): type(value)()
-        for module in decoder.modules()
-        for name, value in vars(module).items()
-        if "hooks" in name and isinstance(value, dict)
-    }
-    return copy.deepcopy(decoder, memo).eval()
-
-
 @dataclass(frozen=True)
 class Int8Choice:
     """Whether the decoding steps run on int8 weights, and why."""
@@ -239,7 +208,7 @@ class FastDecoder:
         )
         if not (adapters and self.merge) and not self.int8_choice.on:
             return decoder
-        lora = [p.detach() for name, p in decoder.named_parameters() if "lora_" in name]
+        lora = lora_tensors(decoder)
         key = (id(decoder), weight.dtype, weight.device, adapters, self.merge, self.int8_choice.on)
         built = self._built.get(key)
         if built is None or not same_tensors(lora, built[0]):

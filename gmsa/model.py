@@ -5,8 +5,8 @@ Read top to bottom:
     model into a standalone stack; the encoder and the LSA blocks are such copies, so the
     backbone is loaded once.
   * ``LayerSemanticAlignment`` maps merged encoder states into the decoder's input space.
-  * ``merged_lora_copy`` / ``MergedEncoder``: the encoder as inference runs it, each LoRA merged
-    into its linear layer.
+  * ``inference_copy`` / ``MergedEncoder``: the encoder as inference runs it, each LoRA merged
+    into its linear layer (``gmsa.fast_decode`` builds the decoder's copy with the same function).
   * ``GMSAModel.compress`` turns context token ids into soft tokens: encoder, then the
     configured merger (``gmsa.merge``: group merging, or the memory-token ablation), then the LSA.
   * ``GMSAModel.forward`` packs ``[soft tokens; prompt; target]`` left-aligned per sample
@@ -126,31 +126,43 @@ def match_embedding_scale(norm: nn.Module, embeddings: torch.Tensor) -> None:
     norm.weight.copy_((norm.weight + offset) * scale - offset)
 
 
-def merged_lora_copy(stack: nn.Module) -> nn.Module:
-    """A frozen copy of ``stack`` whose LoRA layers are merged back into plain base layers.
+def merged_linear(layer: LoraLayer) -> nn.Module:
+    """The plain layer that computes what ``layer`` computes now: its active adapters merged into
+    a new weight (in fp32, rounded once), or its base layer itself (shared) when none is active."""
+    base = layer.get_base_layer()
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if layer.disable_adapters or layer.merged or not active:
+        return base
+    own = copy.deepcopy(layer).float()
+    own.merge(adapter_names=active)
+    return own.get_base_layer().to(base.weight.dtype)
 
-    Hooks registered on ``stack`` are not carried over to the copy.
+
+def inference_copy(stack: nn.Module, merge_lora: bool = True) -> nn.Module:
+    """A copy of ``stack``'s modules in eval mode, every LoRA layer replaced by :func:`merged_linear` (``merge_lora``).
+
+    Parameters and buffers that merging does not change (embeddings, norms, plain layers) are
+    shared with ``stack``, not copied; hooks registered on ``stack`` are not carried over.
     """
-    without_hooks = {
+    memo: dict[int, object] = {id(t): t for t in (*stack.parameters(), *stack.buffers())}
+    if merge_lora:
+        memo |= {id(m): merged_linear(m) for m in stack.modules() if isinstance(m, LoraLayer)}
+    memo |= {
         id(value): type(value)()
         for module in stack.modules()
         for name, value in vars(module).items()
         if "hooks" in name and isinstance(value, dict)
     }
-    copied = copy.deepcopy(stack, without_hooks).requires_grad_(False)
-    lora_names = [name for name, module in copied.named_modules() if isinstance(module, LoraLayer)]
-    for name in lora_names:
-        module = copied.get_submodule(name)
-        base = module.get_base_layer()
-        dtype = base.weight.dtype
-        module.float().merge()  # merged in fp32, rounded once to the base weight's dtype
-        parent, _, child = name.rpartition(".")
-        setattr(copied.get_submodule(parent), child, base.to(dtype))
-    return copied
+    return copy.deepcopy(stack, memo).eval()
+
+
+def lora_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every LoRA tensor of ``module`` (detached), in order: what a cached merged copy depends on."""
+    return [p.detach() for name, p in module.named_parameters() if "lora_" in name]
 
 
 class MergedEncoder:
-    """A cached :func:`merged_lora_copy` of an encoder, rebuilt whenever a LoRA tensor changes
+    """A cached :func:`inference_copy` of an encoder, rebuilt whenever a LoRA tensor changes
     (a training step, loaded weights, a move to another device or dtype).
 
     A plain object, not a module: the copy is no part of the model's parameters or state.
@@ -161,9 +173,9 @@ class MergedEncoder:
         self.lora_snapshot: list[torch.Tensor] = []
 
     def of(self, encoder: nn.Module) -> nn.Module:
-        lora = [p.detach() for name, p in encoder.named_parameters() if "lora_" in name]
+        lora = lora_tensors(encoder)
         if self.copy is None or not same_tensors(lora, self.lora_snapshot):
-            self.copy = merged_lora_copy(encoder)
+            self.copy = inference_copy(encoder)
             self.lora_snapshot = [p.clone() for p in lora]
         return self.copy
 

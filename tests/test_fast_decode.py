@@ -13,14 +13,13 @@ from gmsa.fast_decode import (
     INT8_MIN_SPEEDUP,
     FastDecoder,
     Int8StepLinear,
-    inference_copy,
     int8_kernel_available,
     int8_steps,
     plain_linears,
     quantize_rows,
     resolve_int8,
 )
-from gmsa.model import autoencoder_decoder
+from gmsa.model import autoencoder_decoder, inference_copy
 
 needs_int8 = pytest.mark.skipif(not int8_kernel_available(), reason="torch lacks _weight_int8pack_mm")
 
