@@ -23,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
+from .asgi import HTTPMiddleware
 from .errors import BusyError, ServiceError
 
 log = logging.getLogger(__name__)
@@ -74,18 +75,15 @@ def _is_json(content_type: bytes) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-class GuardMiddleware:
+class GuardMiddleware(HTTPMiddleware):
     """API key, body size and content type, checked from the headers alone (pure ASGI)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int):
-        self.app = app
+        super().__init__(app)
         self.api_key = api_key
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
         refusal = self._refusal(scope, headers, has_body)

@@ -20,6 +20,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .asgi import HTTPMiddleware
+
 log = logging.getLogger(__name__)
 LATENCY_WINDOW = 2048
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -160,17 +162,14 @@ def route_name(scope: Scope) -> str:
     return getattr(route, "path", "unmatched")
 
 
-class ObserveMiddleware:
+class ObserveMiddleware(HTTPMiddleware):
     """Counts and times every request; an unexpected exception becomes a JSON 500 (no dropped connection)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics):
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 0
 
