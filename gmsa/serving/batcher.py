@@ -11,7 +11,8 @@ the units of several micro-batches and stops one between units.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,47 +32,53 @@ class RequestTooLargeError(ValueError):
     """A text has more tokens than the server accepts."""
 
 
-@dataclass
-class CompressTask:
-    texts: list[str]
-    rate: int
-    max_tokens: int
+def inputs() -> Any:
+    """A task field holding its inputs: its length is how many items the task adds to a micro-batch."""
+    return field(metadata={"inputs": True})
+
+
+def shared() -> Any:
+    """A task field that every task of one micro-batch has in common (part of :meth:`ModelTask.key`)."""
+    return field(metadata={"shared": True})
+
+
+class ModelTask:
+    """What the scheduler reads of a task (a dataclass that marks its fields with :func:`inputs` and :func:`shared`)."""
+
+    kind: ClassVar[str]
 
     def key(self) -> tuple:
-        return ("compress", self.rate)
+        """Tasks with equal keys may share a micro-batch: the kind, then the values of the shared fields."""
+        return (self.kind, *(getattr(self, f.name) for f in fields(self) if f.metadata.get("shared")))
 
     @property
     def items(self) -> int:
-        return len(self.texts)
+        return sum(len(getattr(self, f.name)) for f in fields(self) if f.metadata.get("inputs"))
 
 
 @dataclass
-class AnswerTask:
-    compressed: Compressed
+class CompressTask(ModelTask):
+    kind = "compress"
+    texts: list[str] = inputs()
+    rate: int = shared()
+    max_tokens: int
+
+
+@dataclass
+class AnswerTask(ModelTask):
+    kind = "answer"
+    compressed: Compressed = inputs()
     questions: list[str]
-    max_new_tokens: int
-    repetition_penalty: float
+    max_new_tokens: int = shared()
+    repetition_penalty: float = shared()
     # called on the model thread with each question's token ids so far, after every decode step
     on_tokens: Callable[[list[list[int]]], None] | None = field(default=None, compare=False, repr=False)
 
-    def key(self) -> tuple:
-        return ("answer", self.max_new_tokens, self.repetition_penalty)
-
-    @property
-    def items(self) -> int:
-        return len(self.compressed)
-
 
 @dataclass
-class ReconstructTask:
-    compressed: Compressed
-
-    def key(self) -> tuple:
-        return ("reconstruct",)
-
-    @property
-    def items(self) -> int:
-        return len(self.compressed)
+class ReconstructTask(ModelTask):
+    kind = "reconstruct"
+    compressed: Compressed = inputs()
 
 
 Task = CompressTask | AnswerTask | ReconstructTask

@@ -198,7 +198,7 @@ class ModelWorker:
 
     def _new_run(self, jobs: list[_Job]) -> _Run:
         units = run_units(self.gmsa, [job.task for job in jobs], self.model_batch_size, self.unit_tokens)
-        return _Run(jobs, units, jobs[0].task.key()[0])
+        return _Run(jobs, units, jobs[0].task.kind)
 
     def _collect(self, block: bool) -> list[_Job] | None:
         """Newly queued jobs (``None`` once stop was requested); waits for the first one if ``block``."""
