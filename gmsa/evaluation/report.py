@@ -11,28 +11,40 @@ from .reconstruct import BUCKET_ORDER
 from .render import cell, markdown_table, pyplot, save_figure
 
 # (metric key, column title, format); the QA scores are percentages, the reconstruction ones 0-1.
+PERCENT, SCORE, MEAN = "{:.1f}", "{:.3f}", "{:.1f}"
+COST_COLUMNS = [("original_tokens", "original tokens", MEAN), ("seconds_per_example", "s / example", "{:.2f}")]
 QA_COLUMNS = [
-    (PRIMARY_METRIC, f"{PRIMARY_METRIC} % (primary) ± s.e.", "{:.1f}"),
-    (f"{PRIMARY_METRIC}_open", f"{PRIMARY_METRIC} % on open questions ± s.e.", "{:.1f}"),
+    (PRIMARY_METRIC, f"{PRIMARY_METRIC} % (primary) ± s.e.", PERCENT),
+    (f"{PRIMARY_METRIC}_open", f"{PRIMARY_METRIC} % on open questions ± s.e.", PERCENT),
     ("n_open", "open questions", "{:.0f}"),
-    ("yes_no_outputs", "bare yes/no outputs %", "{:.1f}"),
-    ("em", "EM %", "{:.1f}"),
-    ("f1", "F1 %", "{:.1f}"),
-    ("context_tokens", "context tokens read", "{:.1f}"),
-    ("original_tokens", "original tokens", "{:.1f}"),
-    ("seconds_per_example", "s / example", "{:.2f}"),
+    ("yes_no_outputs", "bare yes/no outputs %", PERCENT),
+    ("em", "EM %", PERCENT),
+    ("f1", "F1 %", PERCENT),
+    ("context_tokens", "context tokens read", MEAN),
+    *COST_COLUMNS,
 ]
+RECONSTRUCT_SCORES = {
+    "bleu": "BLEU",
+    "prefix_em": "prefix EM",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "semantic": "semantic",
+}
 RECONSTRUCT_COLUMNS = [
-    ("bleu", "BLEU", "{:.3f}"),
-    ("prefix_em", "prefix EM", "{:.3f}"),
-    ("rouge1", "ROUGE-1", "{:.3f}"),
-    ("rouge2", "ROUGE-2", "{:.3f}"),
-    ("rougeL", "ROUGE-L", "{:.3f}"),
-    ("semantic", "semantic", "{:.3f}"),
-    ("context_tokens", "soft tokens", "{:.1f}"),
-    ("original_tokens", "original tokens", "{:.1f}"),
-    ("seconds_per_example", "s / example", "{:.2f}"),
+    *((key, title, SCORE) for key, title in RECONSTRUCT_SCORES.items()),
+    ("context_tokens", "soft tokens", MEAN),
+    *COST_COLUMNS,
 ]
+
+
+def _rate_label(rate: int | None) -> str:
+    return f"{rate}x" if rate else "—"
+
+
+def _buckets(results: list[dict]) -> list[str]:
+    """The length buckets any result has, shortest first."""
+    return [b for b in BUCKET_ORDER if any(b in r["by_bucket"] for r in results)]
 
 
 def _metric_cell(metrics: dict, key: str, fmt: str) -> str:
@@ -45,7 +57,7 @@ def _metric_cell(metrics: dict, key: str, fmt: str) -> str:
 def _results_table(results: list[dict], columns: list[tuple[str, str, str]]) -> str:
     header = ["method", "rate", "n"] + [title for _, title, _ in columns]
     rows = [
-        [r["method"], f"{r['rate']}x" if r["rate"] else "—", r["metrics"]["n"]]
+        [r["method"], _rate_label(r["rate"]), r["metrics"]["n"]]
         + [_metric_cell(r["metrics"], key, fmt) for key, _, fmt in columns]
         for r in results
     ]
@@ -53,7 +65,7 @@ def _results_table(results: list[dict], columns: list[tuple[str, str, str]]) -> 
 
 
 def _bucket_table(results: list[dict], metric: str) -> str:
-    buckets = [b for b in BUCKET_ORDER if any(b in r["by_bucket"] for r in results)]
+    buckets = _buckets(results)
     header = ["method", "rate"] + [f"{b} tokens" for b in buckets]
     rows = []
     for r in results:
@@ -61,7 +73,7 @@ def _bucket_table(results: list[dict], metric: str) -> str:
         for bucket in buckets:
             stats = r["by_bucket"].get(bucket)
             cells.append(f"{stats[metric]:.3f} (n={stats['n']})" if stats and metric in stats else "—")
-        rows.append([r["method"], f"{r['rate']}x" if r["rate"] else "—"] + cells)
+        rows.append([r["method"], _rate_label(r["rate"])] + cells)
     return markdown_table(header, rows)
 
 
@@ -139,7 +151,7 @@ def plot_vs_rate(results: list[dict], rates: list[int], metrics: list[tuple[str,
 
 def plot_bleu_by_length(results: list[dict], path: Path) -> None:
     """Grouped bars: reconstruction BLEU per length bucket, one bar per (model, rate)."""
-    buckets = [b for b in BUCKET_ORDER if any(b in r["by_bucket"] for r in results)]
+    buckets = _buckets(results)
     figure, axis = pyplot().subplots(figsize=(max(6, 2.2 * len(buckets)), 4))
     width = 0.8 / max(1, len(results))
     for i, r in enumerate(results):
