@@ -46,33 +46,26 @@ def tiny_setup(root: Path) -> tuple[str, str]:
 
 
 def config(args, backbone: str, data: str, out: Path, **overrides) -> TrainConfig:
+    """The tests' tiny recipe (:func:`tests.training.test_train.tiny_config`), longer and with larger batches."""
+    from tests.training.test_train import tiny_config
+
     values = dict(
-        backbone=backbone,
-        data=data,
-        val_data=data,
-        out_dir=str(out),
-        k_enc=2,
         lora_r=8,
-        lora_alpha=8,
         lora_dropout=0.0,
         batch_size=8,
-        lr=3e-3,
         warmup_steps=10,
         max_steps=args.steps,
         eval_every=args.steps,
         eval_examples=16,
         save_every_min=1e9,
-        rates=[2, 4],
-        min_tokens=1,
         max_tokens=64,
         threads=1,
         seed=args.seed,
-        ae_decoder_lora=0,  # the paper's frozen decoder, as when this benchmark was written
-        lsa_match_embedding_scale=True,
+        dtype="auto",
     )
     if backbone == "default":
         values |= dict(k_enc=4, lora_r=32, lora_alpha=32, rates=[4, 8], batch_size=4, lr=1e-3, max_tokens=128)
-    return TrainConfig.from_dict(values | overrides)
+    return tiny_config(backbone, (data, data), out, **values | overrides)
 
 
 def recipe_config(args, out: Path, **overrides) -> TrainConfig:
