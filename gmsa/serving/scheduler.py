@@ -1,12 +1,12 @@
 """One model worker thread that interleaves the work of many requests, unit by unit.
 
 Requests submit tasks into a bounded queue. Whatever is queued when the worker looks (after
-waiting ``batch_wait_s`` for more when it was idle) is grouped into micro-batches of compatible
+waiting ``batch_wait_ms`` for more when it was idle) is grouped into micro-batches of compatible
 tasks (see :mod:`gmsa.serving.batcher`), each one a *run* that does one unit of model work per
 step: an encoder batch of windows, a prefill, or one decode step.
 
 Between two units the worker takes in new requests and picks the run that has had the least
-model time, less ``aging`` times the time it has spent waiting ("least attained service", with
+model time, less ``scheduler_aging`` times the time it has spent waiting ("least attained service", with
 aging: under a steady stream of short requests a long run still gets ``aging / (1 + aging)`` of
 the model time, a third at the default 0.5). A short
 request that arrives while a long one runs therefore waits for at most the unit in progress,
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ..api import GMSA
 from .batcher import QueueFullError, Task, TaskResult, Units, run_units
+from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -97,29 +98,14 @@ class WorkerStats:
 class ModelWorker:
     """Runs every model call of the server on one thread, interleaving micro-batches unit by unit."""
 
-    def __init__(
-        self,
-        gmsa: GMSA,
-        max_queue: int = 64,
-        max_batch_items: int = 32,
-        batch_wait_s: float = 0.005,
-        model_batch_size: int = 8,
-        max_batch_tokens: int | None = None,
-        unit_tokens: int = 2048,
-        aging: float = 0.5,
-    ):
+    def __init__(self, gmsa: GMSA, settings: WorkerSettings | None = None):
         self.gmsa = gmsa
-        self.max_batch_items = max_batch_items
-        self.max_batch_tokens = max_batch_tokens  # tokens per micro-batch (the first job always runs)
-        self.batch_wait_s = batch_wait_s
-        self.model_batch_size = model_batch_size
-        self.unit_tokens = unit_tokens
-        self.aging = aging
+        self.settings = settings = settings or WorkerSettings()
         self.stats = WorkerStats()
         self.on_batch: Callable[[str, int, float], None] | None = None  # (kind, items, seconds) per micro-batch
         self.on_unit: Callable[[str], None] | None = None
         self.on_cancel: Callable[[str], None] | None = None  # (reason) per request stopped
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=settings.max_queue)
         self._carry: deque[_Job] = deque()
         self._runs: list[_Run] = []
         self._thread: threading.Thread | None = None
@@ -185,7 +171,7 @@ class ModelWorker:
                 self._runs.append(self._new_run(group))
             if self._runs:
                 now = time.perf_counter()
-                run = min(self._runs, key=lambda run: run.priority(now, self.aging))
+                run = min(self._runs, key=lambda run: run.priority(now, self.settings.scheduler_aging))
                 try:
                     self._step(run)
                 except Exception as err:  # noqa: BLE001 - a bookkeeping bug must not stop the worker
@@ -197,7 +183,9 @@ class ModelWorker:
         self._runs.clear()
 
     def _new_run(self, jobs: list[_Job]) -> _Run:
-        units = run_units(self.gmsa, [job.task for job in jobs], self.model_batch_size, self.unit_tokens)
+        units = run_units(
+            self.gmsa, [job.task for job in jobs], self.settings.model_batch_size, self.settings.unit_tokens
+        )
         return _Run(jobs, units, jobs[0].task.kind)
 
     def _collect(self, block: bool) -> list[_Job] | None:
@@ -212,13 +200,13 @@ class ModelWorker:
         if first is None:
             return None
         jobs, items, cost = [first], first.items, first.cost
-        deadline = time.perf_counter() + (self.batch_wait_s if block else 0.0)
-        token_budget = self.max_batch_tokens or float("inf")
-        while items < self.max_batch_items:
+        deadline = time.perf_counter() + (self.settings.batch_wait_ms / 1000 if block else 0.0)
+        token_budget = self.settings.max_batch_tokens or float("inf")  # the first job always runs
+        while items < self.settings.max_batch_items:
             job = self._next_waiting(deadline)
             if job is None:
                 break
-            if items + job.items > self.max_batch_items or cost + job.cost > token_budget:
+            if items + job.items > self.settings.max_batch_items or cost + job.cost > token_budget:
                 self._carry.append(job)
                 break
             jobs.append(job)

@@ -75,16 +75,7 @@ class GMSAService:
         self.store = store
         self.settings = settings
         self.limits = Limits(gmsa, settings)
-        self.worker = ModelWorker(
-            gmsa,
-            max_queue=settings.max_queue,
-            max_batch_items=settings.max_batch_items,
-            batch_wait_s=settings.batch_wait_ms / 1000,
-            model_batch_size=settings.model_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            unit_tokens=settings.unit_tokens,
-            aging=settings.scheduler_aging,
-        )
+        self.worker = ModelWorker(gmsa, settings)
 
     # ----------------------------------------------------------------- model calls
     async def run(self, task: Task, deadline: Deadline, cost: int = 0) -> TaskResult:

@@ -10,6 +10,7 @@ import pytest
 
 from gmsa.serving.batcher import AnswerTask, CompressTask
 from gmsa.serving.scheduler import ModelWorker, WorkCancelledError
+from gmsa.serving.settings import WorkerSettings
 
 LONG = " ".join(f"word{i % 50}" for i in range(1200))  # many windows of the tiny model (64 tokens each)
 FOX = "The quick brown fox jumps over the lazy dog."
@@ -38,7 +39,7 @@ def slow_units(model, monkeypatch):
 
 @pytest.fixture
 def worker(model):
-    worker = ModelWorker(model, unit_tokens=64, aging=0.0)
+    worker = ModelWorker(model, WorkerSettings(unit_tokens=64, scheduler_aging=0.0))
     worker.start()
     yield worker
     worker.stop()
