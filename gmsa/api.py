@@ -213,7 +213,7 @@ class GMSA:
             extra={"backbone": self.config.backbone, "window": window, "overlap": overlap},
         )
 
-    compress = run_to_end(compress_steps)
+    compress = run_to_end(compress_steps, "compress")
     """Compress each text into ``ceil(n_tokens / rate)`` soft tokens: :meth:`compress_steps` run to its end."""
 
     def _compress_windows(

@@ -125,17 +125,18 @@ def drain(steps: Generator[Any, Any, R]) -> R:
             return done.value
 
 
-def run_to_end(steps: Callable[P, Generator[Any, Any, R]]) -> Callable[P, R]:
-    """The plain function of a step-wise one: the same parameters, the generator's return value.
+def run_to_end(steps: Callable[P, Generator[Any, Any, R]], name: str) -> Callable[P, R]:
+    """The plain function ``name`` of a step-wise one: the same parameters, the generator's return value.
 
-    ``greedy_generate = run_to_end(greedy_steps)`` states the parameters once; type checkers, IDEs and
-    ``help`` show them on both functions.
+    ``greedy_generate = run_to_end(greedy_steps, "greedy_generate")`` states the parameters once;
+    type checkers, IDEs and ``help`` show them on both functions.
     """
 
     @functools.wraps(steps)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         return drain(steps(*args, **kwargs))
 
+    run.__name__, run.__qualname__ = name, steps.__qualname__.removesuffix(steps.__name__) + name
     run.__doc__ = f"{steps.__name__} run to its end: what it returns.\n\n{inspect.cleandoc(steps.__doc__ or '')}"
     run.__signature__ = inspect.signature(steps).replace(return_annotation=inspect.Signature.empty)
     return run
@@ -222,7 +223,7 @@ def greedy_steps(
     return generated, cache
 
 
-greedy_generate = run_to_end(greedy_steps)
+greedy_generate = run_to_end(greedy_steps, "greedy_generate")
 """Greedy decoding after one prefill: :func:`greedy_steps` run to its end, ``(B, n)`` ids and the cache."""
 
 
