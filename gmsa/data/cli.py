@@ -1,4 +1,4 @@
-"""``gmsa data prepare``: build the offline AE and QA corpora.
+"""``gmsa data prepare``: build the offline AE and QA corpora; ``gmsa data cloze``: synthetic extractive QA.
 
 The main CLI calls :func:`register` to add the ``data`` command; this module
 also runs on its own: ``python -m gmsa.data.cli data prepare --out data``.
@@ -48,7 +48,39 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-tokens", type=int, default=32, help="shortest AE passage (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest AE passage (default: %(default)s)")
     p.set_defaults(func=run_prepare)
+    c = sub.add_parser(
+        "cloze",
+        help="synthetic extractive questions from AE prose (cloze translation)",
+        description="One question per passage: a year, count or capitalised name of a sentence becomes a wh-word "
+        "(gmsa/data/cloze.py). Only passages whose document falls in --split are read.",
+    )
+    c.add_argument("--from", dest="source", required=True, help="AE JSONL to read (e.g. data/ae/train.jsonl)")
+    c.add_argument("--out", required=True, help="QA JSONL to write (e.g. data/qa/cloze-train.jsonl)")
+    c.add_argument("--n", type=int, default=3000, help="questions to write (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    c.add_argument("--split", default="train", choices=["train", "val", "test"], help="split kept (default: train)")
+    c.add_argument("--split-seed", type=int, default=0, help="the seed `data prepare` split with (default: 0)")
+    c.add_argument("--max-tokens", type=int, default=384, help="longest passage kept (default: %(default)s)")
+    c.set_defaults(func=run_cloze)
     return data
+
+
+def run_cloze(args: argparse.Namespace) -> int:
+    """Handler for ``gmsa data cloze``; returns the exit code."""
+    from collections import Counter
+    from pathlib import Path
+
+    from gmsa.data.cloze import cloze_rows
+    from gmsa.data.prepare import write_jsonl
+
+    with open(args.source, encoding="utf-8") as handle:
+        prose = [json.loads(line) for line in handle if line.strip()]
+    rows = cloze_rows(prose, args.n, args.seed, args.split, args.split_seed, args.max_tokens)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(Path(args.out), rows)
+    kinds = Counter(row["cloze_kind"] for row in rows)
+    print(json.dumps({"out": str(args.out), "rows": len(rows), "kinds": dict(sorted(kinds.items()))}))
+    return 0 if rows else 1
 
 
 def load_default_tokenizer(name_or_path: str | None) -> Any:

@@ -28,7 +28,7 @@ class TrainConfig:
     """Every knob of a training run; ``configs/*.toml`` override these defaults."""
 
     stage: str = "ae"
-    data: str = "data/ae/train.jsonl"
+    data: str | list[str] = "data/ae/train.jsonl"  # a list reads several files in order (source_fractions apply to all)
     val_data: str = "data/ae/val.jsonl"
     out_dir: str = "runs/ae"
     resume_from: str = ""  # a resume point (model/ + resume.json) to continue when out_dir has no state of its own

@@ -39,6 +39,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def read_rows(path: str | list[str]) -> list[dict]:
+    """The rows of a data file, or of each file of a list in turn (e.g. QA rows, then synthetic cloze rows)."""
+    paths = [path] if isinstance(path, str) else list(path)
+    if not paths:
+        raise ValueError("data names no file")
+    for name in paths:
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"no data file {name}: build the corpora with `gmsa data prepare --out data` first")
+    return [row for name in paths for row in read_jsonl(name)]
+
+
 def subsample_sources(rows: list[dict], fractions: dict[str, float], seed: int = 0) -> list[dict]:
     """Keep a seeded ``fractions[source]`` share of each listed source's rows (others all), in order.
 

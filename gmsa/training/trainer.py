@@ -36,7 +36,7 @@ from ..model import base_model, enable_decoder_tuning, set_stage, trained_state_
 from ..precision import hold_frozen_in, log_choice, resolve_dtype
 from . import distributed, resume
 from .config import TrainConfig
-from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_jsonl, subsample_sources
+from .data import BatchStream, Example, autoencoder_examples, qa_examples, read_rows, subsample_sources
 from .warmup import TokenProbe, probe_loss, probe_scores
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,14 @@ def build_model(cfg: TrainConfig) -> GMSA:
 
 
 def load_examples(
-    cfg: TrainConfig, path: str, gmsa: GMSA, max_tokens: int, source_fractions: dict[str, float] | None = None
+    cfg: TrainConfig,
+    path: str | list[str],
+    gmsa: GMSA,
+    max_tokens: int,
+    source_fractions: dict[str, float] | None = None,
 ) -> list[Example]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no data file {path}: build the corpora with `gmsa data prepare --out data` first")
-    rows = subsample_sources(read_jsonl(path), source_fractions or {}, cfg.seed)
+    """The examples of one data file or of several, read in order (e.g. the QA rows, then synthetic cloze ones)."""
+    rows = subsample_sources(read_rows(path), source_fractions or {}, cfg.seed)
     if cfg.stage in {"warmup", "ae"}:
         return autoencoder_examples(rows, gmsa.tokenizer, gmsa.config.ae_prompt, max_tokens, cfg.min_tokens)
     return qa_examples(rows, gmsa.tokenizer, max_tokens)

@@ -94,3 +94,12 @@ def test_only_the_keft_stage_builds_a_tuned_decoder():
     assert TrainConfig.from_dict(values).model_config().decoder_tuning == "none"
     keft = TrainConfig.from_dict(values | {"stage": "keft"}).model_config()
     assert keft.decoder_tuning == "lora" and keft.max_context_tokens == 128  # the window covers max_tokens
+
+
+def test_data_may_list_several_files_and_a_single_path_still_reads():
+    keft = TrainConfig.from_sources([str(CONFIGS / "keft.toml")])
+    assert keft.data == "data/qa/train.jsonl"
+    both = TrainConfig.from_sources(
+        [str(CONFIGS / "keft.toml")], ['data=["data/qa/train.jsonl", "data/qa/cloze-train.jsonl"]']
+    )
+    assert both.data == ["data/qa/train.jsonl", "data/qa/cloze-train.jsonl"]

@@ -1,6 +1,8 @@
+import json
+
 import pytest
 
-from gmsa.training.data import subsample_sources
+from gmsa.training.data import read_rows, subsample_sources
 
 
 def rows(n_per_source: int) -> list[dict]:
@@ -28,3 +30,22 @@ def test_subsample_without_fractions_is_identity():
 def test_subsample_rejects_a_fraction_outside_0_1(fraction):
     with pytest.raises(ValueError, match="boolq"):
         subsample_sources(rows(1), {"boolq": fraction})
+
+
+def write_rows(path, sources):
+    path.write_text("".join(json.dumps({"source": source, "question": "q?"}) + "\n" for source in sources))
+    return str(path)
+
+
+def test_read_rows_reads_one_file_or_several_in_order(tmp_path):
+    qa = write_rows(tmp_path / "qa.jsonl", ["boolq", "quac"])
+    cloze = write_rows(tmp_path / "cloze.jsonl", ["cloze"])
+    assert [row["source"] for row in read_rows(qa)] == ["boolq", "quac"]
+    assert [row["source"] for row in read_rows([qa, cloze])] == ["boolq", "quac", "cloze"]
+
+
+def test_read_rows_names_a_missing_file_and_refuses_an_empty_list(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_rows([write_rows(tmp_path / "qa.jsonl", ["boolq"]), str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ValueError, match="no file"):
+        read_rows([])
