@@ -39,3 +39,18 @@ def test_hold_frozen_in_casts_only_frozen_parameters():
     module[0].requires_grad_(False)
     assert hold_frozen_in(module, torch.bfloat16) == 2
     assert module[0].weight.dtype == torch.bfloat16 and module[1].weight.dtype == torch.float32
+
+
+def test_measurement_times_the_dtypes_in_turns(monkeypatch):
+    """fp32 and bf16 alternate, so a stall on a busy machine hits one timing, not one dtype."""
+    seen = []
+    real_mm = torch.mm
+
+    def recording_mm(a, b):
+        seen.append(a.dtype)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    best = precision._best_matmul_seconds((torch.float32, torch.bfloat16), (8, 16, 8), repeats=4)
+    assert len(best) == 2 and all(0 < t < float("inf") for t in best)
+    assert seen == [torch.float32, torch.bfloat16] * 5  # the warm-up pair, then 4 timed turns
