@@ -10,7 +10,11 @@ alternating per repeat:
 * the shipped GMSA's decoder (an AE and a KEFT LoRA on every projection): ``fp32 LoRA`` and
   ``bf16 LoRA`` (adapters unmerged, the earlier path), ``bf16 merged`` (LoRA merged into the
   weights, :func:`gmsa.fast_decode.inference_copy`) and ``bf16 merged + int8 steps`` (what
-  ``GMSA.generate`` decodes with where :func:`gmsa.fast_decode.resolve_int8` adopts int8).
+  ``GMSA.generate`` decodes with where :func:`gmsa.fast_decode.resolve_int8` adopts int8);
+* candidates for the steps of that merged decoder: ``+ int4 steps`` (``FastDecoder(int4="on")``,
+  groups of 32), and from ``benchmarks/step_kernels.py``: ``+ int8 steps, fused`` (q/k/v and
+  gate/up in one call each), ``+ W8A8 steps`` (fbgemm's dynamic int8 x int8 kernel), ``+ bf16 packed
+  steps`` (oneDNN's reordered bf16 weight).
 
 Per variant: the prefill seconds, the median and minimum per-step milliseconds (each step is
 stamped by a forward pre-hook; wall clock), and how many leading greedy tokens equal those of the
@@ -30,20 +34,21 @@ import time
 from pathlib import Path
 
 import torch
+from step_kernels import KERNELS, with_kernel  # benchmarks/step_kernels.py (on the path when run as a script)
 
 from gmsa import GMSA
 from gmsa.backbone import load_backbone
 from gmsa.decoding import greedy_generate
 from gmsa.evaluation.bench import QUESTION, REPETITION_PENALTY
 from gmsa.evaluation.passages import exact_length_text, read_passages
-from gmsa.fast_decode import FastDecoder
+from gmsa.fast_decode import FastDecoder, inference_copy
 from gmsa.precision import cpu_has_native_bf16, cpu_model
 
 GROUPS = {"backbone": "fp32", "GMSA decoder": "fp32 LoRA"}  # group: its reference variant
 
 
-def variants() -> tuple[dict[str, tuple[str, torch.nn.Module]], object]:
-    """name -> (group, decoder), and the tokenizer."""
+def variants(chosen: list[str] | None) -> tuple[dict[str, tuple[str, torch.nn.Module]], object]:
+    """name -> (group, decoder) (those in ``chosen``, or all, and the references), and the tokenizer."""
     plain, tokenizer = load_backbone("default", dtype=torch.float32)
     plain.requires_grad_(False)  # frozen: FastDecoder leaves a model that is being trained as it is
     bf16 = copy.deepcopy(plain).to(torch.bfloat16)
@@ -59,8 +64,17 @@ def variants() -> tuple[dict[str, tuple[str, torch.nn.Module]], object]:
         "bf16 LoRA": ("GMSA decoder", lora16.model.decoder),
         "bf16 merged": ("GMSA decoder", FastDecoder(int8="off").of(lora16.model.decoder)),
         "bf16 merged + int8 steps": ("GMSA decoder", FastDecoder(int8="on").of(lora16.model.decoder)),
+        "bf16 merged + int4 steps": ("GMSA decoder", FastDecoder(int8="on", int4="on").of(lora16.model.decoder)),
     }
-    return found, tokenizer
+    merged = found["bf16 merged"][1]
+    for name, kernel, fused in (
+        ("bf16 merged + int8 steps, fused", "int8 weight-only", True),
+        ("bf16 merged + W8A8 steps", "W8A8 fbgemm", False),
+        ("bf16 merged + bf16 packed steps", "bf16 oneDNN packed", False),
+    ):
+        found[name] = ("GMSA decoder", with_kernel(inference_copy(merged, False), KERNELS[kernel], fused))
+    keep = set(chosen or found) | set(GROUPS.values())
+    return {name: entry for name, entry in found.items() if name in keep}, tokenizer
 
 
 def timed_run(decoder, embeds: torch.Tensor, n_new: int) -> tuple[float, list[float], list[int]]:
@@ -86,10 +100,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512, help="context tokens before the question")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", nargs="*", help="names of the variants to time (default: all)")
     parser.add_argument("--out", default="reports/bench/decode-step-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models, tokenizer = variants()  # built outside inference mode: the models' tensors stay plain ones
+    models, tokenizer = variants(args.variants)  # built outside inference mode: the models' tensors stay plain ones
     with torch.inference_mode():
         run(args, models, tokenizer)
 
@@ -110,7 +125,7 @@ def run(args: argparse.Namespace, models: dict, tokenizer) -> None:
             prefill[name].append(seconds)
             steps[name] += per_step
             print(
-                f"[{repeat + 1}] {name:<26} prefill {seconds:.2f} s, step {statistics.median(per_step) * 1e3:.1f} ms",
+                f"[{repeat + 1}] {name:<34} prefill {seconds:.2f} s, step {statistics.median(per_step) * 1e3:.1f} ms",
                 flush=True,
             )
     rows = []
@@ -128,7 +143,7 @@ def run(args: argparse.Namespace, models: dict, tokenizer) -> None:
         }
         rows.append(row)
         print(
-            f"{group:<13} {name:<26} prefill {row['prefill_s_median']:.2f} s  step median "
+            f"{group:<13} {name:<34} prefill {row['prefill_s_median']:.2f} s  step median "
             f"{row['step_ms_median']:.1f} ms (min {row['step_ms_min']:.1f})  = fp32 tokens: "
             f"{row['same_prefix_tokens']}/{len(reference)} leading"
         )
