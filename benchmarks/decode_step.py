@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,30 +53,37 @@ def variants(chosen: list[str] | None) -> tuple[dict[str, tuple[str, torch.nn.Mo
     """name -> (group, decoder) (those in ``chosen``, or all, and the references), and the tokenizer."""
     plain, tokenizer = load_backbone("default", dtype=torch.float32)
     plain.requires_grad_(False)  # frozen: FastDecoder leaves a model that is being trained as it is
-    bf16 = copy.deepcopy(plain).to(torch.bfloat16)
     lora32 = GMSA.from_pretrained(dtype="float32")
     lora16 = GMSA.from_pretrained(dtype="bfloat16")
     for gmsa in (lora32, lora16):
         gmsa.hold_inference_dtype()
-    found = {
-        "fp32": ("backbone", plain),
+    bf16 = functools.cache(lambda: copy.deepcopy(plain).to(torch.bfloat16))
+    merged = functools.cache(lambda: FastDecoder(int8="off").of(lora16.model.decoder))
+
+    def on_kernel(kernel: str, fused: bool = False) -> Callable[[], torch.nn.Module]:
+        return lambda: with_kernel(inference_copy(merged(), False), KERNELS[kernel], fused)
+
+    builders = {
+        "fp32": ("backbone", lambda: plain),
         "bf16": ("backbone", bf16),
-        "bf16 + int8 steps": ("backbone", FastDecoder(int8="on").of(bf16)),
-        "fp32 LoRA": ("GMSA decoder", lora32.model.decoder),
-        "bf16 LoRA": ("GMSA decoder", lora16.model.decoder),
-        "bf16 merged": ("GMSA decoder", FastDecoder(int8="off").of(lora16.model.decoder)),
-        "bf16 merged + int8 steps": ("GMSA decoder", FastDecoder(int8="on").of(lora16.model.decoder)),
-        "bf16 merged + int4 steps": ("GMSA decoder", FastDecoder(int8="on", int4="on").of(lora16.model.decoder)),
+        "bf16 + int8 steps": ("backbone", lambda: FastDecoder(int8="on").of(bf16())),
+        "fp32 LoRA": ("GMSA decoder", lambda: lora32.model.decoder),
+        "bf16 LoRA": ("GMSA decoder", lambda: lora16.model.decoder),
+        "bf16 merged": ("GMSA decoder", merged),
+        "bf16 merged + int8 steps": ("GMSA decoder", lambda: FastDecoder(int8="on").of(lora16.model.decoder)),
+        "bf16 merged + int4 steps": (
+            "GMSA decoder",
+            lambda: FastDecoder(int8="on", int4="on").of(lora16.model.decoder),
+        ),
+        "bf16 merged + int8 steps, fused": ("GMSA decoder", on_kernel("int8 weight-only", fused=True)),
+        "bf16 merged + W8A8 steps": ("GMSA decoder", on_kernel("W8A8 fbgemm")),
+        "bf16 merged + bf16 packed steps": ("GMSA decoder", on_kernel("bf16 oneDNN packed")),
     }
-    merged = found["bf16 merged"][1]
-    for name, kernel, fused in (
-        ("bf16 merged + int8 steps, fused", "int8 weight-only", True),
-        ("bf16 merged + W8A8 steps", "W8A8 fbgemm", False),
-        ("bf16 merged + bf16 packed steps", "bf16 oneDNN packed", False),
-    ):
-        found[name] = ("GMSA decoder", with_kernel(inference_copy(merged, False), KERNELS[kernel], fused))
-    keep = set(chosen or found) | set(GROUPS.values())
-    return {name: entry for name, entry in found.items() if name in keep}, tokenizer
+    unknown = set(chosen or ()) - set(builders)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(builders)}")
+    keep = set(chosen or builders) | set(GROUPS.values())
+    return {name: (group, build()) for name, (group, build) in builders.items() if name in keep}, tokenizer
 
 
 def timed_run(decoder, embeds: torch.Tensor, n_new: int) -> tuple[float, list[float], list[int]]:

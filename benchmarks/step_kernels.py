@@ -60,6 +60,7 @@ def _quantize_input(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch
 
 class Bf16:
     name = "bf16"
+    bytes_per_weight = 2.0
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
@@ -70,6 +71,7 @@ class Bf16:
 
 class Bf16Packed:
     name = "bf16 oneDNN packed"
+    bytes_per_weight = 2.0
 
     def __init__(self, weight: torch.Tensor):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -80,6 +82,7 @@ class Bf16Packed:
 
 class Int8WeightOnly:
     name = "int8 weight-only"
+    bytes_per_weight = 1.0
 
     def __init__(self, weight: torch.Tensor):
         self.qweight, scale = quantize_rows(weight)
@@ -91,6 +94,7 @@ class Int8WeightOnly:
 
 class W8A8IntMM:
     name = "W8A8 _int_mm"
+    bytes_per_weight = 1.0
 
     def __init__(self, weight: torch.Tensor):
         qweight, self.scale = quantize_rows(weight)
@@ -103,6 +107,7 @@ class W8A8IntMM:
 
 class W8A8OneDNN:
     name = "W8A8 oneDNN qlinear"
+    bytes_per_weight = 1.0
 
     def __init__(self, weight: torch.Tensor):
         qweight, self.scale = quantize_rows(weight)
@@ -131,6 +136,7 @@ class W8A8OneDNN:
 
 class W8A8Fbgemm:
     name = "W8A8 fbgemm"
+    bytes_per_weight = 1.0
 
     def __init__(self, weight: torch.Tensor):
         qweight, scale = quantize_rows(weight)
@@ -147,6 +153,7 @@ class W8A8Fbgemm:
 def int4_kernel(group: int) -> type:
     class Int4:
         name = f"int4 g{group}"
+        bytes_per_weight = 0.5 + 4 / group  # + a bf16 scale and zero point per group
 
         def __init__(self, weight: torch.Tensor):
             self.group = next(g for g in (group, group // 2, group // 4) if weight.shape[1] % g == 0)
@@ -267,6 +274,12 @@ def relative_error(kernel: Callable, weight: torch.Tensor) -> float:
     return ((kernel(x).float() - exact).norm() / exact.norm()).item()
 
 
+def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 3) -> float:
+    """GB/s of summing an fp32 tensor far larger than the caches: what one step's weight reads can reach."""
+    data = torch.ones(megabytes * 2**18)
+    return megabytes / 1024 / min(seconds(data.sum) for _ in range(repeats))
+
+
 def seconds(run: Callable) -> float:
     start = time.perf_counter()
     run()
@@ -328,21 +341,31 @@ def main() -> None:
         kernels = {name: {shape: [KERNELS[name](w) for w in ws] for shape, ws in weights.items()} for name in chosen}
         errors = {name: relative_error(KERNELS[name](weights["gate"][0]), weights["gate"][0]) for name in chosen}
         results = {rows: measure(weights, kernels, rows, args.repeats) for rows in args.rows}
+    step_weights = sum(w.numel() for name, ws in weights.items() if name not in FUSED for w in ws)
+    bandwidth = read_bandwidth_gbs()
+    print(f"memory read bandwidth ({args.threads} thread(s)): {bandwidth:.1f} GB/s")
     for rows, found in results.items():
         print(f"\nrows={rows}: microseconds per call (median), and one step's matmuls in ms (median)")
-        print(f"{'kernel':<22}" + "".join(f"{s:>9}" for s in weights) + f"{'step':>8}{'fused':>8}{'error':>8}")
+        print(
+            f"{'kernel':<22}" + "".join(f"{s:>9}" for s in weights) + f"{'step':>8}{'fused':>8}{'GB/s':>6}{'error':>8}"
+        )
         for name, row in found.items():
             per = row["us_per_call"]
             print(
                 f"{name:<22}"
                 + "".join(f"{per[s]:>9.1f}" for s in weights)
-                + f"{row['step_ms_unfused']:>8.2f}{row['step_ms_fused']:>8.2f}{errors[name]:>8.4f}"
+                + f"{row['step_ms_unfused']:>8.2f}{row['step_ms_fused']:>8.2f}"
+                + f"{step_weights * KERNELS[name].bytes_per_weight / row['step_ms_unfused'] / 1e6:>6.1f}"
+                + f"{errors[name]:>8.4f}"
             )
     out = {
         "cpu_model": cpu_model(),
         "threads": args.threads,
         "repeats": args.repeats,
         "load_average": os.getloadavg(),
+        "read_bandwidth_gbs": bandwidth,
+        "step_weights": step_weights,
+        "bytes_per_weight": {name: KERNELS[name].bytes_per_weight for name in chosen},
         "shapes": {name: list(ws[0].shape) for name, ws in weights.items()},
         "relative_error_gate_proj_layer0": errors,
         "results": {str(rows): found for rows, found in results.items()},
