@@ -1,4 +1,4 @@
-"""Do the faster decoding paths give the fp32 path's greedy answers? A fixed set of QA examples.
+"""Do the faster decoding paths give the fp32 path's greedy answers? A fixed set of QA examples, and restatements.
 
 The shipped checkpoint compresses each context (rate 4) and answers its question greedily
 (``GMSA.generate``: repetition penalty 1.3, at most ``--new-tokens`` tokens, EOS ends an answer),
@@ -9,11 +9,17 @@ once per decoding path:
 * ``bf16``: bf16 weights, LoRA unmerged, plain steps (the earlier default);
 * ``bf16 merged``: bf16, LoRA merged;
 * ``bf16 merged + int8 steps``: bf16, LoRA merged, decoding steps on int8 weights (the default
-  where :func:`gmsa.fast_decode.resolve_int8` adopts them).
+  where :func:`gmsa.fast_decode.resolve_int8` adopts them);
+* ``bf16 merged + int4 steps``: the same with int4 step weights (``FastDecoder(int4="on")``).
 
 Per path: answers identical to the reference's, mean leading tokens shared with it, and token F1
 against the gold answers (does a difference change quality?). Timing plays no part: any load
 is fine. The fixed set: every ``--stride``-th example of ``data/qa/test.jsonl`` up to ``--examples``.
+
+Restatements (``--restate N``, 0: none): ``GMSA.reconstruct`` at rate 4 of the seeded sample of N
+passages of at most 128 tokens that ``gmsa eval reconstruct --data data/ae/test.jsonl --max-tokens
+128 --limit N`` draws, per path: corpus BLEU (with its bootstrap s.e.), mean ROUGE-L, restatements
+identical to the fp32 path's, and the ROUGE-L difference to the default path paired per passage.
 
     python benchmarks/decode_agreement.py --out reports/bench/decode-agreement-cpu.json
 """
@@ -28,16 +34,19 @@ from pathlib import Path
 import torch
 
 from gmsa import GMSA
-from gmsa.evaluation.metrics import token_f1
+from gmsa.evaluation.common import load_examples, select_examples
+from gmsa.evaluation.metrics import bleu, bleu_standard_error, rouge, token_f1
 from gmsa.fast_decode import FastDecoder
 
-PATHS = {  # name: (dtype, merge LoRA, int8 steps)
-    "fp32": ("float32", False, "off"),
-    "fp32 merged": ("float32", True, "off"),
-    "bf16": ("bfloat16", False, "off"),
-    "bf16 merged": ("bfloat16", True, "off"),
-    "bf16 merged + int8 steps": ("bfloat16", True, "on"),
+PATHS = {  # name: (dtype, merge LoRA, int8 steps, int4 steps)
+    "fp32": ("float32", False, "off", "off"),
+    "fp32 merged": ("float32", True, "off", "off"),
+    "bf16": ("bfloat16", False, "off", "off"),
+    "bf16 merged": ("bfloat16", True, "off", "off"),
+    "bf16 merged + int8 steps": ("bfloat16", True, "on", "off"),
+    "bf16 merged + int4 steps": ("bfloat16", True, "on", "on"),
 }
+DEFAULT_PATH = "bf16 merged + int8 steps"
 
 
 def fixed_set(path: Path, examples: int, stride: int) -> list[dict]:
@@ -55,6 +64,38 @@ def answers(gmsa: GMSA, rows: list[dict], new_tokens: int, batch_size: int) -> l
     return out
 
 
+def restatement_sample(path: Path, tokenizer, limit: int) -> list[str]:
+    """The passages ``gmsa eval reconstruct --max-tokens 128 --limit N`` (seed 0) restates."""
+    examples, _ = load_examples(path, "reconstruct", tokenizer)
+    fitting = [e for e in examples if e.n_tokens <= 128]
+    return [e.context for e in select_examples(fitting, limit, 0, lambda e: e.bucket)]
+
+
+def restatement_scores(restated: dict[str, list[str]], passages: list[str]) -> list[dict]:
+    rouge_l = {name: [rouge(t, p)["rougeL"] for t, p in zip(texts, passages)] for name, texts in restated.items()}
+    summary = []
+    for name, texts in restated.items():
+        paired = [a - b for a, b in zip(rouge_l[name], rouge_l[DEFAULT_PATH])]
+        summary.append(
+            {
+                "path": name,
+                "bleu": bleu(texts, passages),
+                "bleu_se": bleu_standard_error(texts, passages),
+                "rougeL": statistics.mean(rouge_l[name]),
+                "rougeL_minus_default": statistics.mean(paired),
+                "rougeL_minus_default_se": statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else 0.0,
+                "identical_to_fp32": sum(a == b for a, b in zip(texts, restated["fp32"])),
+            }
+        )
+        print(
+            f"{name:<26} restated: BLEU {summary[-1]['bleu']:.3f} ± {summary[-1]['bleu_se']:.3f}, ROUGE-L "
+            f"{summary[-1]['rougeL']:.3f} ({summary[-1]['rougeL_minus_default']:+.3f} ± "
+            f"{summary[-1]['rougeL_minus_default_se']:.3f} vs the default), identical to fp32 "
+            f"{summary[-1]['identical_to_fp32']}/{len(passages)}"
+        )
+    return summary
+
+
 def leading(tokenizer, answer: str, reference: str) -> int:
     a, b = tokenizer(answer)["input_ids"], tokenizer(reference)["input_ids"]
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -67,19 +108,26 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=97)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--restate", type=int, default=16, help="passages to restate per path (0: none)")
+    parser.add_argument("--restate-data", default="data/ae/test.jsonl")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="reports/bench/decode-agreement-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = fixed_set(Path(args.data), args.examples, args.stride)
     models = {dtype: GMSA.from_pretrained(dtype=dtype) for dtype in ("float32", "bfloat16")}
+    tokenizer = models["float32"].tokenizer
+    passages = restatement_sample(Path(args.restate_data), tokenizer, args.restate) if args.restate else []
     found: dict[str, list[str]] = {}
-    for name, (dtype, merge, int8) in PATHS.items():
+    restated: dict[str, list[str]] = {}
+    for name, (dtype, merge, int8, int4) in PATHS.items():
         gmsa = models[dtype]
-        gmsa.fast_decoder = FastDecoder(int8=int8, merge=merge)
+        gmsa.fast_decoder = FastDecoder(int8=int8, merge=merge, int4=int4)
         found[name] = answers(gmsa, rows, args.new_tokens, args.batch_size)
+        if passages:
+            restated[name] = gmsa.reconstruct(gmsa.compress(passages, rate=4, batch_size=args.batch_size))
         print(f"{name}: {found[name][:3]}", flush=True)
-    reference, tokenizer = found["fp32"], models["float32"].tokenizer
+    reference = found["fp32"]
     summary = []
     for name, got in found.items():
         summary.append(
@@ -95,6 +143,7 @@ def main() -> None:
             f"{name:<26} identical to fp32 {summary[-1]['identical_to_fp32']}/{len(rows)}, leading tokens shared "
             f"{summary[-1]['mean_leading_tokens_shared']:.1f}, token F1 {summary[-1]['token_f1']:.3f}"
         )
+    restatements = restatement_scores(restated, passages) if passages else []
     out = {
         "checkpoint": "shipped (GMSA.from_pretrained())",
         "data": args.data,
@@ -107,6 +156,10 @@ def main() -> None:
         "answers": found,
         "questions": [row["question"] for row in rows],
         "gold": [row["answers"] for row in rows],
+        "restate_data": args.restate_data,
+        "restatements": restatements,
+        "restated": restated,
+        "passages": passages,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

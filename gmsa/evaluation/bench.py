@@ -258,7 +258,7 @@ def load_model(settings: BenchSettings, dtype: str | torch.dtype | None = None):
 def load_subjects(settings: BenchSettings, log: Callable) -> tuple[Subjects, str]:
     """The GMSA at its inference dtype, the plain decoders of the uncompressed prompt, the fp32 reference."""
     from ..backbone import load_backbone
-    from ..fast_decode import Int8StepLinear
+    from ..fast_decode import StepLinear
     from ..precision import resolve_dtype
 
     gmsa, described = load_model(settings)
@@ -267,10 +267,11 @@ def load_subjects(settings: BenchSettings, log: Callable) -> tuple[Subjects, str
     notes = {"gmsa_dtype_reason": choice.reason if choice else "", "bf16_matmul_speedup": None}
     gmsa.fast_decoder.int8 = settings.int8_steps
     fast = gmsa.fast_decoder.of(gmsa.model.decoder)
-    notes["int8_step_layers"] = sum(isinstance(m, Int8StepLinear) for m in fast.modules())
+    notes["int8_step_layers"] = sum(isinstance(m, StepLinear) for m in fast.modules())
     notes["int8_steps_reason"] = gmsa.fast_decoder.int8_choice.reason
+    notes["step_weights"] = gmsa.fast_decoder.step_kind or "bf16"
     notes["decoder_lora_merged"] = fast is not gmsa.model.decoder
-    log(f"GMSA decoding steps in int8: {bool(notes['int8_step_layers'])} ({notes['int8_steps_reason']})")
+    log(f"GMSA decoding steps on {notes['step_weights']} weights ({notes['int8_steps_reason']})")
     names = settings.baseline_dtypes
     if names is None or names == ["auto"]:
         auto = resolve_dtype("auto", settings.device)

@@ -176,6 +176,7 @@ def test_each_arm_at_its_dtype_against_the_fastest_uncompressed_prompt(checkpoin
     env = results["environment"]
     assert env["dtype"] == "bfloat16" and env["baseline_dtypes"] == ["float32", "bfloat16"]
     assert env["cpu_model"] and isinstance(env["cpu_native_bf16"], bool) and env["int8_step_layers"] > 0
+    assert env["step_weights"] == "int8"
     for clock in ("wall", "cpu"):
         against = rows["gmsa-fresh-r4"][clock]["speedup_e2e"]["against"]
         assert against in ("uncompressed-float32", "uncompressed-bfloat16")
