@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -245,44 +246,48 @@ def _setting(setting: str | bool, allowed: tuple[str, ...], what: str) -> str:
     return setting
 
 
+def _resolve(
+    setting: str | bool, what: str, unmet: str | None, measure: Callable[[], float], min_speedup: float, versus: str
+) -> StepChoice:
+    """Off; impossible (``unmet`` says why; an error when forced on); on; or measured against ``versus``."""
+    setting = _setting(setting, INT8_SETTINGS if what == "int8" else INT4_SETTINGS, what)
+    if setting == "off":
+        return StepChoice(False, "switched off")
+    if unmet:
+        if setting == "on":
+            raise ValueError(unmet)
+        return StepChoice(False, unmet)
+    if setting == "on":
+        return StepChoice(True, "requested")
+    speedup = measure()
+    if speedup >= min_speedup:
+        return StepChoice(True, f"{what} step matmul {speedup:.2f}x faster than {versus}")
+    return StepChoice(False, f"{what} step matmul at {speedup:.2f}x the speed of {versus}")
+
+
 def resolve_int8(setting: str | bool, dtype: torch.dtype, device: torch.device) -> StepChoice:
     """Whether a decoder in ``dtype`` on ``device`` takes int8 decoding steps: ``"on"``/``True``,
     ``"off"``/``False``, or ``"auto"`` (bf16 on a CPU, where one measured step matmul is faster)."""
-    setting = _setting(setting, INT8_SETTINGS, "int8")
-    if setting == "off":
-        return StepChoice(False, "switched off")
     possible = dtype == torch.bfloat16 and torch.device(device).type == "cpu" and int8_kernel_available()
-    if not possible:
-        why = f"int8 steps need a bf16 decoder on a CPU and torch's int8 kernel (have {dtype} on {device})"
-        if setting == "on":
-            raise ValueError(why)
-        return StepChoice(False, why)
-    if setting == "on":
-        return StepChoice(True, "requested")
-    speedup = measure_int8_step_speedup()
-    if speedup >= INT8_MIN_SPEEDUP:
-        return StepChoice(True, f"int8 step matmul {speedup:.2f}x faster than bf16")
-    return StepChoice(False, f"int8 step matmul at {speedup:.2f}x the speed of bf16")
+    unmet = (
+        None
+        if possible
+        else f"int8 steps need a bf16 decoder on a CPU and torch's int8 kernel (have {dtype} on {device})"
+    )
+    return _resolve(setting, "int8", unmet, lambda: measure_int8_step_speedup(), INT8_MIN_SPEEDUP, "bf16")
 
 
 def resolve_int4(setting: str | bool, int8: StepChoice) -> StepChoice:
     """Whether int4 weights replace the int8 ones of the decoding steps (``int8``: :func:`resolve_int8`'s
     choice): ``"on"``/``True``, ``"off"``/``False``, or ``"auto"`` (where the int8 steps are on and
     one measured step matmul is :data:`INT4_MIN_SPEEDUP` times faster in int4)."""
-    setting = _setting(setting, INT4_SETTINGS, "int4")
-    if setting == "off":
-        return StepChoice(False, "switched off")
-    if not (int8.on and int4_kernel_available()):
-        why = f"int4 steps replace int8 steps: they need those and torch's CPU int4 kernel (int8: {int8.reason})"
-        if setting == "on":
-            raise ValueError(why)
-        return StepChoice(False, why)
-    if setting == "on":
-        return StepChoice(True, "requested")
-    speedup = measure_int4_step_speedup()
-    if speedup >= INT4_MIN_SPEEDUP:
-        return StepChoice(True, f"int4 step matmul {speedup:.2f}x faster than int8")
-    return StepChoice(False, f"int4 step matmul at {speedup:.2f}x the speed of int8")
+    possible = int8.on and int4_kernel_available()
+    unmet = (
+        None
+        if possible
+        else (f"int4 steps replace int8 steps: they need those and torch's CPU int4 kernel (int8: {int8.reason})")
+    )
+    return _resolve(setting, "int4", unmet, lambda: measure_int4_step_speedup(), INT4_MIN_SPEEDUP, "int8")
 
 
 class FastDecoder:
