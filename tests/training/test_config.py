@@ -76,9 +76,21 @@ def test_a_config_round_trips_through_its_dict():
     assert TrainConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
-def test_the_flat_config_of_the_shipped_resume_point_reads_as_the_recipe():
-    """checkpoints/ae/resume.json was written before the [model] table: model keys beside the others."""
-    flat = json.loads((REPO / "checkpoints" / "ae" / "resume.json").read_text())["config"]
+def shipped_resume_config() -> dict:
+    return json.loads((REPO / "checkpoints" / "ae" / "resume.json").read_text())["config"]
+
+
+def test_the_shipped_resume_point_reads_as_the_recipe():
+    cfg = TrainConfig.from_dict(shipped_resume_config())
+    recipe = TrainConfig.from_sources([str(CONFIGS / "ae.toml")])
+    assert cfg.model_config() == recipe.model_config()
+    assert (cfg.stage, cfg.rates, cfg.curriculum, cfg.max_steps) == ("ae", recipe.rates, recipe.curriculum, 6000)
+
+
+def test_a_flat_config_written_before_the_model_table_reads_as_the_recipe():
+    """The session-7 resume point (tests/fixtures/resume-config-flat.json) was written before the
+    [model] table: model keys beside the others, under their old names."""
+    flat = json.loads((REPO / "tests" / "fixtures" / "resume-config-flat.json").read_text())
     assert "k_enc" in flat and "model" not in flat
     cfg = TrainConfig.from_dict(flat)
     recipe = TrainConfig.from_sources([str(CONFIGS / "ae.toml")])
