@@ -84,7 +84,11 @@ def _copy_tokenizer_metadata(template: Path, writer: gguf.GGUFWriter, vocab_size
         found = "none" if tokens is None else len(tokens.data)
         raise ValueError(f"{template} has {found} tokenizer tokens, the decoder {vocab_size}")
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+        if key.startswith("GGUF.") or key in (
+            "general.architecture",
+            "general.file_type",
+            "general.quantization_version",
+        ):
             continue
         if not key.startswith(("tokenizer.", "general.")):
             continue

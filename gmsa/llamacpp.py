@@ -37,20 +37,36 @@ KV_TYPES = ("f16", "f32")
 BATCH = 512  # positions per llama_decode call of a prefill (llama.cpp's default batch)
 CONTEXT_STEP = 1024  # the context grows in whole steps, so that prompts of similar length share one
 
+log = logging.getLogger(__name__)
+
 
 def import_llama_cpp():
-    """The ``llama_cpp`` module (its C library quietened to errors), or :class:`EngineUnavailableError`."""
+    """The ``llama_cpp`` module (its C library logging to this module's logger), or :class:`EngineUnavailableError`."""
     try:
         import llama_cpp
     except ImportError as err:  # also an OSError-free ImportError when the shared library fails to load
         raise EngineUnavailableError(
             f"the llamacpp engine needs the `llama_cpp` package, which is not importable ({err});\n" + INSTALL_HINT
         ) from err
-    quiet = logging.getLogger("llama-cpp-python")  # its log callback prints everything below this level
-    if quiet.level == logging.NOTSET:
-        quiet.setLevel(logging.ERROR)
+    global _log_callback
+    if _log_callback is None:  # keep the C callback alive as long as the library may call it
+        _log_callback = llama_cpp.llama_log_callback(_forward_log)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     return llama_cpp
+
+
+# ggml's log levels (ggml.h: 1 debug, 2 info, 3 warn, 4 error, 5 continuation) as this module logs them. Its
+# warnings go to INFO: they are notes such as "n_ctx_seq > n_ctx_train", which gmsa decides about itself.
+LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
+_log_callback = None
+
+
+def _forward_log(level: int, text: bytes, _user_data) -> None:
+    """llama.cpp's log lines into this module's logger (llama-cpp-python's own callback prints them all)."""
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(LOG_LEVELS.get(level, logging.DEBUG), "llama.cpp: %s", message)
 
 
 def penalise(logits: np.ndarray, generated: list[int], penalty: float) -> np.ndarray:
@@ -74,20 +90,34 @@ def repeats(generated: list[int], n: int, seen: set[tuple[int, ...]]) -> bool:
 
 
 class LlamaCppDecoder:
-    """One GGUF decoder in llama.cpp: greedy ids from a prompt of embeddings ``(n, H)`` or token ids ``(n,)``."""
+    """One GGUF decoder in llama.cpp: greedy ids from a prompt of embeddings ``(n, H)`` or token ids ``(n,)``.
 
-    def __init__(self, path: str | os.PathLike, n_threads: int = 1, kv_type: str = "f16"):
+    ``extra_buffers`` lets llama.cpp repack the weights for its AMX and repacked-CPU kernels. Off by default:
+    on this project's Xeon (KVM guest, AMX_INT8) every batch of more than one position then crashes in
+    ``ggml_backend_amx_mul_mat`` (llama-cpp-python 0.3.36; ggml-org/llama.cpp#20824, machine-dependent, open).
+    ``flash_attention``: off by default; ``None`` lets llama.cpp decide (on, on a CPU), which rounds the queries
+    to f16 and made a step slower here (57 against 43 ms, the shipped decoder over 522 positions, one thread).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_threads: int = 1,
+        kv_type: str = "f16",
+        flash_attention: bool | None = False,
+        extra_buffers: bool = False,
+    ):
         if n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
         self.llama = import_llama_cpp()
-        self.path, self.n_threads, self.kv_type = Path(path), n_threads, kv_type
+        self.path, self.n_threads, self.kv_type, self.flash_attention = Path(path), n_threads, kv_type, flash_attention
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF file at {self.path}")
-        self.model = self.llama.llama_model_load_from_file(
-            str(self.path).encode(), self.llama.llama_model_default_params()
-        )
+        params = self.llama.llama_model_default_params()
+        params.use_extra_bufts = extra_buffers
+        self.model = self.llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
             raise EngineUnavailableError(f"llama.cpp could not load {self.path}")
         self.n_embd = self.llama.llama_n_embd(self.model)
@@ -114,6 +144,8 @@ class LlamaCppDecoder:
             kv = self.llama.GGML_TYPE_F16 if self.kv_type == "f16" else self.llama.GGML_TYPE_F32
             params.type_k = params.type_v = kv
             params.no_perf = True
+            if self.flash_attention is not None:  # None: llama.cpp decides (on, on a CPU; it rounds Q to f16)
+                params.flash_attn_type = int(self.flash_attention)
             self.context = self.llama.llama_init_from_model(self.model, params)
             if not self.context:
                 raise EngineUnavailableError(f"llama.cpp could not make a context of {params.n_ctx} positions")

@@ -82,9 +82,10 @@ def test_llama_cpp_reads_embeddings_and_ids_as_torch_does(llama_cpp, f32_gguf):
         embeds = model.get_input_embeddings()(ids)
         expected = model(inputs_embeds=embeds[None]).logits[0]
         step = model(input_ids=torch.cat([ids, torch.tensor([4])])[None]).logits[0, -1]
-    assert np.allclose(decoder.prefill(embeds), expected[-1].numpy(), atol=1e-3)
-    assert np.allclose(decoder.prefill(ids), expected[-1].numpy(), atol=1e-3)  # the cache was cleared in between
-    assert np.allclose(decoder.step(4, len(ids)), step.numpy(), atol=1e-3)  # position n follows 0..n-1
+    scale = expected.abs().max().item()  # llama.cpp rounds some intermediate products (e.g. attention) to f16
+    assert np.abs(decoder.prefill(embeds) - expected[-1].numpy()).max() <= 1e-2 * scale
+    assert np.abs(decoder.prefill(ids) - expected[-1].numpy()).max() <= 1e-2 * scale  # the cache was cleared between
+    assert np.abs(decoder.step(4, len(ids)) - step.numpy()).max() <= 1e-2 * scale  # position n follows 0..n-1
     with pytest.raises(ValueError, match="embeddings or"):
         decoder.prefill(torch.zeros(3, 5))
     decoder.close()
