@@ -10,7 +10,11 @@ once per decoding path:
 * ``bf16 merged``: bf16, LoRA merged;
 * ``bf16 merged + int8 steps``: bf16, LoRA merged, decoding steps on int8 weights (the default
   where :func:`gmsa.fast_decode.resolve_int8` adopts them);
-* ``bf16 merged + int4 steps``: the same with int4 step weights (``FastDecoder(int4="on")``).
+* ``bf16 merged + int4 steps``: the same with int4 step weights (``FastDecoder(int4="on")``);
+* ``llama.cpp TYPE`` (``--llamacpp TYPE ...``): the fp32 model's decoder (its active adapters merged in fp32)
+  exported as a GGUF of weight type TYPE and decoded in llama.cpp (``gmsa.llamacpp``, one thread).
+
+``--paths`` runs a subset (the reference ``fp32`` always runs).
 
 Per path: answers identical to the reference's, mean leading tokens shared with it, and token F1
 against the gold answers (does a difference change quality?). Timing plays no part: any load
@@ -22,6 +26,8 @@ passages of at most 128 tokens that ``gmsa eval reconstruct --data data/ae/test.
 identical to the fp32 path's, and the ROUGE-L difference to the default path paired per passage.
 
     python benchmarks/decode_agreement.py --out reports/bench/decode-agreement-cpu.json
+    python benchmarks/decode_agreement.py --paths fp32 --llamacpp q8_0 f16 \
+        --out reports/bench/decode-agreement-llamacpp-cpu.json
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from gmsa import GMSA
 from gmsa.evaluation.common import load_examples, select_examples
 from gmsa.evaluation.metrics import bleu, bleu_standard_error, rouge, token_f1
 from gmsa.fast_decode import FastDecoder
+from gmsa.gguf_export import WEIGHT_TYPES
+from gmsa.llamacpp import llamacpp_engine
 
 PATHS = {  # name: (dtype, merge LoRA, int8 steps, int4 steps)
     "fp32": ("float32", False, "off", "off"),
@@ -73,9 +81,10 @@ def restatement_sample(path: Path, tokenizer, limit: int) -> list[str]:
 
 def restatement_scores(restated: dict[str, list[str]], passages: list[str]) -> list[dict]:
     rouge_l = {name: [rouge(t, p)["rougeL"] for t, p in zip(texts, passages)] for name, texts in restated.items()}
+    default = DEFAULT_PATH if DEFAULT_PATH in restated else "fp32"
     summary = []
     for name, texts in restated.items():
-        paired = [a - b for a, b in zip(rouge_l[name], rouge_l[DEFAULT_PATH])]
+        paired = [a - b for a, b in zip(rouge_l[name], rouge_l[default])]
         summary.append(
             {
                 "path": name,
@@ -90,7 +99,7 @@ def restatement_scores(restated: dict[str, list[str]], passages: list[str]) -> l
         print(
             f"{name:<26} restated: BLEU {summary[-1]['bleu']:.3f} ± {summary[-1]['bleu_se']:.3f}, ROUGE-L "
             f"{summary[-1]['rougeL']:.3f} ({summary[-1]['rougeL_minus_default']:+.3f} ± "
-            f"{summary[-1]['rougeL_minus_default_se']:.3f} vs the default), identical to fp32 "
+            f"{summary[-1]['rougeL_minus_default_se']:.3f} vs {default}), identical to fp32 "
             f"{summary[-1]['identical_to_fp32']}/{len(passages)}"
         )
     return summary
@@ -111,21 +120,30 @@ def main() -> None:
     parser.add_argument("--restate", type=int, default=16, help="passages to restate per path (0: none)")
     parser.add_argument("--restate-data", default="data/ae/test.jsonl")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS), help="torch paths to run")
+    parser.add_argument("--llamacpp", nargs="*", choices=list(WEIGHT_TYPES), default=[], help="GGUF types to run")
     parser.add_argument("--out", default="reports/bench/decode-agreement-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = fixed_set(Path(args.data), args.examples, args.stride)
-    models = {dtype: GMSA.from_pretrained(dtype=dtype) for dtype in ("float32", "bfloat16")}
+    dtypes = {"float32"} | {PATHS[name][0] for name in args.paths}
+    models = {dtype: GMSA.from_pretrained(dtype=dtype) for dtype in sorted(dtypes)}
     tokenizer = models["float32"].tokenizer
     passages = restatement_sample(Path(args.restate_data), tokenizer, args.restate) if args.restate else []
     found: dict[str, list[str]] = {}
     restated: dict[str, list[str]] = {}
-    for name, (dtype, merge, int8, int4) in PATHS.items():
-        gmsa = models[dtype]
-        gmsa.fast_decoder = FastDecoder(int8=int8, merge=merge, int4=int4)
+    runs = {name: PATHS[name] for name in dict.fromkeys(["fp32", *args.paths])}
+    runs |= {f"llama.cpp {kind}": ("float32", kind) for kind in args.llamacpp}
+    for name, setting in runs.items():
+        gmsa = models[setting[0]]
+        if name.startswith("llama.cpp"):
+            gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads)
+        else:
+            gmsa.fast_decoder = FastDecoder(int8=setting[2], merge=setting[1], int4=setting[3])
         found[name] = answers(gmsa, rows, args.new_tokens, args.batch_size)
         if passages:
             restated[name] = gmsa.reconstruct(gmsa.compress(passages, rate=4, batch_size=args.batch_size))
+        gmsa.engine = None
         print(f"{name}: {found[name][:3]}", flush=True)
     reference = found["fp32"]
     summary = []

@@ -295,10 +295,11 @@ class GMSA:
         min_new_tokens: int = 0,
         **local,
     ) -> list[str]:
-        """Greedy texts; ``local`` (``repeat_ngram``, ``streamer``) applies to in-process decoding only."""
+        """Greedy texts; ``local``: ``repeat_ngram`` (passed to an engine too), ``streamer`` (in-process only)."""
         if self.engine is not None:
             rows = self._prompt_rows(compressed, prompts)
-            return self.engine.generate(rows, max_new_tokens, repetition_penalty, min_new_tokens)
+            repeat_ngram = local.get("repeat_ngram", 0)
+            return self.engine.generate(rows, max_new_tokens, repetition_penalty, min_new_tokens, repeat_ngram)
         packed = self.decoder_prompt(compressed, prompts)
         return greedy_texts(
             self.fast_decoder.of(self.model.decoder),
@@ -361,7 +362,7 @@ class GMSA:
 
         A restatement has at least one token and at most ``slack`` times its source's token
         count (+ 8), or ``max_new_tokens``; it stops once its last ``repeat_ngram`` tokens repeat
-        (0: never; in-process decoding only, as is ``streamer``, which gets one text at a time).
+        (0: never; the vLLM engines ignore it); a ``streamer`` (in-process decoding only) gets one text at a time.
         A KEFT decoder LoRA is switched off meanwhile: restating is the AE stage's task.
         """
         if streamer is not None and self.engine is None:

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import argparse
 
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "vllm", "llamacpp")
+GGUF_TYPES = ("q8_0", "f16", "bf16", "f32")  # gmsa.gguf_export.WEIGHT_TYPES, named here without importing it
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """``--engine``, ``--engine-url``, ``--engine-model`` (shared by ``gmsa answer`` and ``gmsa serve``)."""
+    """``--engine``, ``--engine-url``, ``--engine-model``, ``--gguf-type``, ``--engine-threads`` (shared by
+    ``gmsa answer`` and ``gmsa serve``)."""
     parser.add_argument("--engine", choices=ENGINES, default="hf", help="where the decoder runs")
     parser.add_argument("--engine-url", default=None, help="a `vllm serve --enable-prompt-embeds` server (vllm)")
     parser.add_argument(
-        "--engine-model", default=None, help="exported decoder directory for vllm (default: exported into the cache)"
+        "--engine-model",
+        default=None,
+        help="exported decoder: a directory for vllm, a .gguf file for llamacpp (default: exported into the cache)",
     )
+    parser.add_argument(
+        "--gguf-type", choices=GGUF_TYPES, default=None, help="weights of the exported GGUF (llamacpp; default q8_0)"
+    )
+    parser.add_argument("--engine-threads", type=int, default=None, help="llama.cpp threads (llamacpp; default 1)")
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
-    """A ValueError if ``--engine-url``/``--engine-model`` are given without ``--engine vllm``."""
-    for option in ("engine_url", "engine_model"):
-        if getattr(args, option, None) and args.engine != "vllm":
+    """A ValueError for an engine option that the chosen ``--engine`` does not take."""
+    takes = {"engine_url": ("vllm",), "engine_model": ("vllm", "llamacpp"), "gguf_type": ("llamacpp",)}
+    takes["engine_threads"] = ("llamacpp",)
+    for option, engines in takes.items():
+        if getattr(args, option, None) is not None and args.engine not in engines:
             flag = "--" + option.replace("_", "-")
-            raise ValueError(f"{flag} is for the vllm engine: add --engine vllm, or drop {flag}")
+            needed = " or ".join(f"--engine {name}" for name in engines)
+            raise ValueError(f"{flag} is for {needed}: add it, or drop {flag}")
+    threads = getattr(args, "engine_threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--engine-threads must be >= 1, got {threads}")

@@ -7,7 +7,9 @@ gmsa always compresses in this process. The decoder then reads, per question, th
 * :class:`VLLMEngine` (``--engine vllm``): vLLM's offline ``LLM(enable_prompt_embeds=True)`` in
   this process (vLLM must be importable here);
 * :class:`VLLMServerEngine` (``--engine vllm --engine-url URL``): a ``vllm serve
-  --enable-prompt-embeds`` server, e.g. running from another virtual environment.
+  --enable-prompt-embeds`` server, e.g. running from another virtual environment;
+* :class:`gmsa.llamacpp.LlamaCppEngine` (``--engine llamacpp``): llama.cpp in this process, on a GGUF
+  export of the decoder (:mod:`gmsa.gguf_export`).
 
 vLLM loads the decoder from a HF model directory: :func:`export_decoder` writes the decoder
 gmsa uses, KEFT-tuned weights included (a decoder LoRA merged). See ``docs/serving.md``.
@@ -20,19 +22,21 @@ import base64
 import io
 import json
 import urllib.request
-from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Protocol
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from .backbone import cache_root
-from .config import GMSAConfig
 from .decoding import greedy_texts
 from .engine_args import ENGINES, add_engine_args  # noqa: F401  (re-exported)
-from .model import GMSAModel, inference_copy, pack
-from .version import __version__
+from .engine_base import (  # noqa: F401  (re-exported: the engine interface has always been importable from here)
+    Engine,
+    EngineUnavailableError,
+    GMSALike,
+    export_info,
+    per_prompt_limits,
+)
+from .model import inference_copy, pack
 
 EXPORT_INFO = "gmsa_decoder.json"
 INSTALL_HINT = (
@@ -41,45 +45,6 @@ INSTALL_HINT = (
     "then export the decoder (`gmsa export-decoder --out DIR`), start `~/vllm-venv/bin/vllm serve DIR "
     "--enable-prompt-embeds --port 8001` and pass `--engine vllm --engine-url http://127.0.0.1:8001`"
 )
-
-
-class GMSALike(Protocol):
-    """What an engine reads of a :class:`gmsa.GMSA` (named by its shape: the API imports this module, not back)."""
-
-    model: GMSAModel
-    tokenizer: PreTrainedTokenizerBase
-    checkpoint_id: str
-
-    @property
-    def config(self) -> GMSAConfig: ...
-
-    @property
-    def inference_dtype(self) -> torch.dtype: ...
-
-
-class EngineUnavailableError(RuntimeError):
-    """The requested engine cannot run here (e.g. vLLM is not installed)."""
-
-
-class Engine(ABC):
-    """Greedy text from prompt embeddings (one ``(n_i, H)`` tensor per request)."""
-
-    name = "engine"
-
-    @abstractmethod
-    def generate(
-        self,
-        prompt_embeds: list[torch.Tensor],
-        max_new_tokens: int | list[int],
-        repetition_penalty: float = 1.0,
-        min_new_tokens: int = 0,
-    ) -> list[str]:
-        """Answer each ``(n_i, H)`` prompt with at most ``max_new_tokens`` (per prompt, or one for all) tokens,
-        and no end-of-sequence before ``min_new_tokens`` tokens."""
-
-
-def _limits(max_new_tokens: int | list[int], n: int) -> list[int]:
-    return [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
 
 
 class HFEngine(Engine):
@@ -91,8 +56,8 @@ class HFEngine(Engine):
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
 
     @torch.inference_mode()
-    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0):
-        limits = _limits(max_new_tokens, len(prompt_embeds))
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0, repeat_ngram=0):
+        limits = per_prompt_limits(max_new_tokens, len(prompt_embeds))
         param = next(self.decoder.parameters())
         texts: list[str] = []
         for start in range(0, len(prompt_embeds), self.batch_size):
@@ -107,6 +72,7 @@ class HFEngine(Engine):
                 part,
                 repetition_penalty,
                 min_new_tokens=min_new_tokens,
+                repeat_ngram=repeat_ngram,
             )
         return texts
 
@@ -138,7 +104,8 @@ def sampling_params(vllm, max_new_tokens: int, repetition_penalty: float, min_ne
 
 
 class VLLMEngine(Engine):
-    """vLLM's offline engine on an exported decoder directory (see :func:`export_decoder`)."""
+    """vLLM's offline engine on an exported decoder directory (see :func:`export_decoder`); it does not stop
+    on repeats (``repeat_ngram`` is ignored)."""
 
     name = "vllm"
 
@@ -147,8 +114,8 @@ class VLLMEngine(Engine):
         self.model_dir = str(model_dir)
         self.llm = self.vllm.LLM(model=self.model_dir, enable_prompt_embeds=True, dtype=dtype, **llm_kwargs)
 
-    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0):
-        limits = _limits(max_new_tokens, len(prompt_embeds))
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0, repeat_ngram=0):
+        limits = per_prompt_limits(max_new_tokens, len(prompt_embeds))
         params = [sampling_params(self.vllm, n, repetition_penalty, min_new_tokens) for n in limits]
         prompts = [{"prompt_embeds": row.detach().cpu()} for row in prompt_embeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -163,7 +130,7 @@ def encode_embeds(tensor: torch.Tensor) -> str:
 
 
 class VLLMServerEngine(Engine):
-    """A ``vllm serve DIR --enable-prompt-embeds`` server, through ``POST /v1/completions``."""
+    """A ``vllm serve DIR --enable-prompt-embeds`` server, through ``POST /v1/completions`` (no ``repeat_ngram``)."""
 
     name = "vllm-server"
 
@@ -184,8 +151,8 @@ class VLLMServerEngine(Engine):
             detail = err.read().decode(errors="replace")[:500] if hasattr(err, "read") else ""
             raise EngineUnavailableError(f"vLLM server at {self.url}{path} failed: {err} {detail}") from err
 
-    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0):
-        limits = _limits(max_new_tokens, len(prompt_embeds))
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0, repeat_ngram=0):
+        limits = per_prompt_limits(max_new_tokens, len(prompt_embeds))
         texts: list[str | None] = [None] * len(prompt_embeds)
         for limit in sorted(set(limits)):  # one request per token limit (usually one in all)
             picked = [i for i, n in enumerate(limits) if n == limit]
@@ -203,17 +170,6 @@ class VLLMServerEngine(Engine):
 
 
 # --------------------------------------------------------------------- the decoder an engine loads
-def export_info(gmsa: GMSALike) -> dict:
-    """What identifies the decoder of ``gmsa`` (written next to an export, checked on reuse)."""
-    config = gmsa.config
-    return {
-        "gmsa_version": __version__,
-        "checkpoint_id": gmsa.checkpoint_id,
-        "backbone_fingerprint": config.backbone_fingerprint,
-        "decoder_tuning": config.decoder_tuning,
-    }
-
-
 def export_decoder(gmsa: GMSALike, directory: str | Path) -> Path:
     """Write the decoder of ``gmsa`` as a full HF model directory (weights + config + tokenizer).
 
@@ -261,6 +217,11 @@ def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
     """The engine the options ask for; ``None`` for ``hf`` (gmsa decodes in this process)."""
     if args.engine == "hf":
         return None
+    if args.engine == "llamacpp":
+        from .llamacpp import DEFAULT_WEIGHT_TYPE, llamacpp_engine  # imports llama_cpp, only when asked for
+
+        weight_type = getattr(args, "gguf_type", None) or DEFAULT_WEIGHT_TYPE
+        return llamacpp_engine(gmsa, weight_type, getattr(args, "engine_threads", None) or 1, args.engine_model)
     if args.engine_url:
         engine = VLLMServerEngine(args.engine_url)
         check_export(gmsa, engine.model)

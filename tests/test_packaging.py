@@ -96,6 +96,7 @@ def test_import_gmsa_loads_no_torch():
 
 
 CORE = ["config", "backbone", "merge", "model", "compressed", "chunking", "decoding", "engines", "api", "checkpoint"]
+CORE += ["engine_base", "gguf_export", "llamacpp"]
 
 
 def gmsa_imports(module: str) -> set[str]:
@@ -137,10 +138,11 @@ def locked() -> dict[str, str]:
 
 
 def requirements() -> list[Requirement]:
+    """The requirements of gmsa[all,dev] (not ``llamacpp``, which compiles llama.cpp and is not locked)."""
     project = pyproject()["project"]
     texts = list(project["dependencies"])
-    for extra in project["optional-dependencies"].values():
-        texts += extra
+    for name, extra in project["optional-dependencies"].items():
+        texts += extra if name != "llamacpp" else []
     return [Requirement(t) for t in texts if canonicalize_name(Requirement(t).name) != "gmsa"]
 
 

@@ -35,19 +35,18 @@ from pathlib import Path
 
 import torch
 
-from ..cli_options import add_options, from_args, option
+from ..cli_options import add_options, from_args
 from ..compressed import Compressed
-from ..config import DTYPE_CHOICES
 from ..decoding import greedy_generate
-from ..fast_decode import INT8_SETTINGS
 from ..version import __version__
+from .bench_llamacpp import add_llamacpp_ratios, llamacpp_arms, llamacpp_decoders, run_llamacpp_arm
 from .bench_report import format_table, target_checks, write_results
+from .bench_settings import BENCH_DTYPES, BenchSettings  # noqa: F401  (re-exported)
 from .passages import exact_length_text, read_passages
 from .timing import Arm, Measurement, add_ratios, gmsa_loop, hf_generate, measure, summarise
 
 QUESTION = "What is the main subject of the text above?"
 REPETITION_PENALTY = 1.3
-BENCH_DTYPES = (*DTYPE_CHOICES, "float16")
 
 
 # ----------------------------------------------------------------- the three kinds of run
@@ -60,11 +59,18 @@ class Subjects:
     reference: object | None = None  # an fp32 GMSA whose greedy answers the timed ones are compared with
     notes: dict = field(default_factory=dict)
     loop_dtype: str = ""  # also time the uncompressed prompt through gmsa's decoding, in this dtype
+    llamacpp: dict = field(default_factory=dict)  # "gmsa", "plain": their decoders in llama.cpp (--llamacpp)
+
+    @property
+    def llamacpp_type(self) -> str | None:
+        return self.notes.get("llamacpp", {}).get("weight_type")
 
 
 def run_arm(subjects: Subjects, arm: Arm, text: str, n_new: int, batch_size: int, stored: Path) -> Measurement:
     """Time one run of ``arm``; a fresh run leaves its soft tokens in ``stored`` for the stored runs."""
     gmsa = subjects.gmsa
+    if arm.loop == "llamacpp":
+        return run_llamacpp_arm(subjects, arm, text, n_new, batch_size, stored, REPETITION_PENALTY, QUESTION)
     if arm.method == "uncompressed":
         decoder = subjects.baselines[arm.dtype]
         if arm.loop == "gmsa":  # the speed-ups of gmsa's decoding that do not need compression
@@ -143,7 +149,7 @@ def skip_reason(gmsa, arm: Arm, length: int, settings: BenchSettings, question_t
     if arm.mode == "fresh":
         n_windows = math.ceil(length / gmsa.config.window)
         encoder_tokens = min(length, gmsa.config.window) * min(n_windows, settings.batch_size)
-    dtype = getattr(torch, arm.dtype) if arm.dtype else gmsa.inference_dtype
+    dtype = getattr(torch, arm.dtype) if arm.dtype and arm.loop != "llamacpp" else gmsa.inference_dtype
     dtype_bytes = torch.finfo(dtype).bits // 8
     need = estimated_bytes(config, prompt, settings.new_tokens, encoder_tokens, dtype_bytes)
     have = available_bytes(gmsa.device)
@@ -158,79 +164,6 @@ def beyond_window(gmsa, arm: Arm, length: int, settings: BenchSettings, question
 
 
 # ----------------------------------------------------------------- the benchmark
-@dataclass
-class BenchSettings:
-    """What ``gmsa bench`` measures; each field is one of its options (:mod:`gmsa.cli_options`)."""
-
-    model: str | None = option(None, "GMSA checkpoint (default: untrained GMSA on the default backbone)")
-    lengths: list[int] = option(factory=lambda: [512, 2048, 8192, 32768])
-    rates: list[int] = option(factory=lambda: [4, 8, 16, 32])
-    new_tokens: int = 32
-    repeats: int = 3
-    device: str = option("cpu", "cpu or cuda")
-    dtype: str = option(
-        "auto",
-        "GMSA's inference dtype (auto: bf16 where this machine computes it faster, else fp32); the uncompressed "
-        "prompt is timed in each candidate dtype",
-        choices=BENCH_DTYPES,
-    )
-    baseline_dtypes: list[str] | None = option(
-        None,
-        "dtypes of the uncompressed prompt (default: float32, and bfloat16 where auto picks it); "
-        "speed-ups are against the fastest",
-    )
-    int8_steps: str | bool = option(
-        "auto",
-        "decoding steps with int8 weights (bf16 on CPU only; auto: where a start-up matmul measures them faster)",
-        choices=INT8_SETTINGS,
-    )
-    check_fp32: bool = option(True, "skip comparing greedy answers with an fp32 GMSA", flag="--no-fp32-check")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    batch_size: int = option(8, "encoder windows per batch")
-    window: int | None = option(None, "tokens per encoder window (default: the model's)")
-    k_enc: int = option(4, "encoder layers of the untrained GMSA (without --model)")
-    text: str | None = option(None, "JSONL (text/context fields) or text file of passages")
-    out: str | None = option(None, "results JSON (default reports/bench/bench-DEVICE.json)")
-    plot: bool = option(True, "write no plot")
-    run_beyond_window: bool = option(False, "also time uncompressed prompts beyond the window")
-    note: str = option("", "free text stored with the results (e.g. machine load)")
-
-    def __post_init__(self) -> None:
-        if self.out is None:
-            self.out = f"reports/bench/bench-{self.device.split(':')[0]}.json"
-
-    def check(self) -> None:
-        for name in ("lengths", "rates"):
-            values = getattr(self, name)
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"--{name} must be integers >= 1, got {values}")
-        for name in ("new_tokens", "repeats", "batch_size", "k_enc"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"--window must be >= 1, got {self.window}")
-        if self.device not in {"cpu", "cuda"} and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: no CUDA device is available")
-        names = set(BENCH_DTYPES)
-        if self.dtype not in names:
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.baseline_dtypes is not None and (
-            not self.baseline_dtypes or set(self.baseline_dtypes) - names - {"auto"}
-        ):
-            raise ValueError(f"--baseline-dtypes must be float32, bfloat16 or float16, got {self.baseline_dtypes}")
-        if self.int8_steps not in (*INT8_SETTINGS, True, False):
-            raise ValueError(f"--int8-steps must be auto, on or off, got {self.int8_steps!r}")
-
-    @property
-    def gmsa_dtype(self) -> str | torch.dtype:
-        return getattr(torch, self.dtype) if self.dtype == "float16" else self.dtype
-
-
 def load_model(settings: BenchSettings, dtype: str | torch.dtype | None = None):
     """The GMSA to time: ``--model DIR`` or an untrained one on the real default backbone."""
     from ..api import GMSA
@@ -290,21 +223,41 @@ def load_subjects(settings: BenchSettings, log: Callable) -> tuple[Subjects, str
     return Subjects(gmsa, baselines, reference, notes, loop_dtype if loop_dtype in baselines else ""), described
 
 
-def arms_for(rates: list[int], baseline_dtypes: list[str] | None = None, gmsa_dtype: str = "") -> list[Arm]:
+def add_llamacpp(subjects: Subjects, settings: BenchSettings, workdir: Path, log: Callable) -> None:
+    """GMSA's decoder and the plain backbone as GGUF files of type ``--llamacpp``, loaded in llama.cpp."""
+    import llama_cpp
+
+    threads = settings.threads or torch.get_num_threads()
+    plain = subjects.baselines.get("float32") or next(iter(subjects.baselines.values()))
+    subjects.llamacpp = llamacpp_decoders(subjects.gmsa, plain, settings.llamacpp, threads, workdir)
+    subjects.notes["llamacpp"] = {
+        "llama_cpp_python": llama_cpp.__version__,
+        "weight_type": settings.llamacpp,
+        "threads": threads,
+        "kv_cache": "f16",
+        "gguf": subjects.llamacpp["gmsa"].path.name,
+    }
+    log(f"llama.cpp arms: llama-cpp-python {llama_cpp.__version__}, {settings.llamacpp} weights, {threads} threads")
+
+
+def arms_for(
+    rates: list[int], baseline_dtypes: list[str] | None = None, gmsa_dtype: str = "", llamacpp: str | None = None
+) -> list[Arm]:
     """The uncompressed prompt in plain transformers per dtype (and through gmsa's decoding in GMSA's
-    dtype, ``gmsa_dtype``), then GMSA fresh and stored per rate."""
+    dtype, ``gmsa_dtype``), then GMSA fresh and stored per rate; then the same in llama.cpp (``llamacpp``:
+    the GGUF weight type)."""
     arms = [Arm("uncompressed", dtype=name) for name in baseline_dtypes or [""]]
     if gmsa_dtype:
         arms.append(Arm("uncompressed", dtype=gmsa_dtype, loop="gmsa"))
     for rate in rates:
         arms += [Arm("gmsa", rate, "fresh"), Arm("gmsa", rate, "stored")]
-    return arms
+    return arms + (llamacpp_arms(llamacpp, rates) if llamacpp else [])
 
 
 def warm_up(subjects: Subjects, passages: list[str], settings: BenchSettings, workdir: Path) -> None:
     """One untimed run of every code path on a short text (kernels, allocator, caches)."""
     text, _ = exact_length_text(subjects.gmsa.tokenizer, passages, 64)
-    for arm in arms_for(settings.rates[:1], list(subjects.baselines), subjects.loop_dtype):
+    for arm in arms_for(settings.rates[:1], list(subjects.baselines), subjects.loop_dtype, subjects.llamacpp_type):
         run_arm(subjects, arm, text, 2, settings.batch_size, workdir / "warmup.safetensors")
 
 
@@ -314,7 +267,7 @@ def run_length(
     """All arms at one context length, repeats interleaved in alternating order."""
     gmsa = subjects.gmsa
     question_tokens = len(gmsa.prompt_ids_for(QUESTION))
-    all_arms = arms_for(settings.rates, list(subjects.baselines), subjects.loop_dtype)
+    all_arms = arms_for(settings.rates, list(subjects.baselines), subjects.loop_dtype, subjects.llamacpp_type)
     arms, skipped = [], {}
     for arm in all_arms:
         reason = skip_reason(gmsa, arm, length, settings, question_tokens)
@@ -352,6 +305,7 @@ def run_length(
         if arm.method == "gmsa" and runs.get(arm):
             row["answer"] = gmsa.tokenizer.decode(runs[arm][0].tokens)
     add_ratios(rows, runs, all_arms)
+    add_llamacpp_ratios(rows, runs, all_arms)
     add_agreement(rows, runs, all_arms, subjects, text, settings.new_tokens)
     return rows
 
@@ -449,6 +403,8 @@ def run_bench(settings: BenchSettings, log: Callable = print) -> dict:
     gmsa = subjects.gmsa
     rows, any_repeated = [], False
     with torch.inference_mode(), tempfile.TemporaryDirectory(prefix="gmsa-bench-") as workdir:
+        if settings.llamacpp:
+            add_llamacpp(subjects, settings, Path(workdir), log)
         warm_up(subjects, passages, settings, Path(workdir))
         for length in settings.lengths:
             text, repeated = exact_length_text(gmsa.tokenizer, passages, length)

@@ -71,6 +71,7 @@ def format_table(results: dict) -> str:
             f"{_fmt(wall['decode_tokens_per_s'], 6, 1)} {row['kv_cache_bytes'] / 2**20:7.1f} "
             f"{row['peak_memory_bytes'] / 2**20:8.0f} {_agreement(row):>6}{flag}"
         )
+    lines += llamacpp_lines(results["rows"])
     for check in results["targets_2k"]:
         verdict = "met" if check["met"] else "NOT met"
         lines.append(
@@ -153,7 +154,21 @@ def markdown_report(results: dict) -> str:
         markdown_table([name for name, _ in MAIN_COLUMNS], [_main_row(row) for row in results["rows"]], MAIN_ALIGN),
     ]
     lines += ["", *_breakdown_table(results["rows"]), "", *_targets_table(results["targets_2k"])]
+    llamacpp = llamacpp_lines(results["rows"])
+    lines += ["", "GMSA in llama.cpp against the uncompressed prompt in llama.cpp:", "", *llamacpp] if llamacpp else []
     return "\n".join(lines) + "\n"
+
+
+def llamacpp_lines(rows: list[dict]) -> list[str]:
+    """GMSA's llama.cpp arms against the uncompressed prompt in llama.cpp (``gmsa bench --llamacpp``), a line each."""
+    lines = []
+    for row in rows:
+        if row["status"] == "ok" and "speedup_vs_llamacpp" in row["cpu"]:
+            wall, cpu = row["wall"]["speedup_vs_llamacpp"], row["cpu"]["speedup_vs_llamacpp"]
+            lines.append(
+                f"{row['length']:>6} {row['arm']}: {_speedup(wall)} wall, {_speedup(cpu)} CPU against {cpu['against']}"
+            )
+    return lines
 
 
 def _main_row(row: dict) -> list[str]:

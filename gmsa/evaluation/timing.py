@@ -34,14 +34,17 @@ class Arm:
     rate: int = 1
     mode: str = "-"  # "fresh" or "stored" for gmsa
     dtype: str = ""  # the uncompressed prompt runs in plain transformers, once per dtype
-    loop: str = "hf"  # uncompressed: plain transformers generate ("hf") or gmsa's decoding ("gmsa")
+    # plain transformers generate ("hf", uncompressed only), gmsa's decoding ("gmsa"; GMSA's own arms say "hf"),
+    # or llama.cpp ("llamacpp": ``dtype`` is then the GGUF weight type)
+    loop: str = "hf"
 
     @property
     def name(self) -> str:
         if self.method == "uncompressed":
-            through = "-gmsa-loop" if self.loop == "gmsa" else ""
+            through = {"gmsa": "-gmsa-loop", "llamacpp": "-llamacpp"}.get(self.loop, "")
             return f"uncompressed{through}-{self.dtype}" if self.dtype else f"uncompressed{through}"
-        return f"gmsa-{self.mode}-r{self.rate}"
+        through = f"-llamacpp-{self.dtype}" if self.loop == "llamacpp" else ""
+        return f"gmsa-{self.mode}-r{self.rate}{through}"
 
 
 def stamp(device: torch.device) -> tuple[float, float]:
@@ -211,7 +214,25 @@ def measure(
         built = stamp(device)
         tokens = generate(decoder, embeds, mask, n_new, repetition_penalty)
         end = stamp(device)
-    decoder_start, prefill_end = clock.first("decoder_start"), clock.first("decoder_end")
+    stamps = (start, prepared, built, clock.first("decoder_start"), clock.first("decoder_end"), end)
+    e2e, phases = phase_times(stamps, first_phase, clock)
+    prompt_tokens = int(mask.shape[1])
+    return Measurement(
+        e2e,
+        phases,
+        prompt_tokens,
+        clock.prompt_kv_bytes,
+        memory.added_bytes,
+        load_average,
+        compressed,
+        tokens[0].tolist(),
+    )
+
+
+def phase_times(stamps: tuple, first_phase: str, clock: PhaseClock) -> tuple[dict, dict]:
+    """End-to-end and per-phase seconds, by clock, from the ``(start, prepared, built, prefill start, prefill end,
+    end)`` stamps of one run; ``clock``'s encoder and LSA stamps split a fresh compression."""
+    start, prepared, built, decoder_start, prefill_end, end = stamps
     phases = {}
     for k, name in enumerate(CLOCKS):
         phases[name] = {
@@ -224,18 +245,7 @@ def measure(
             phases[name]["encoder"] = clock.total_between("encoder_start", "encoder_end", k)
             phases[name]["merge_lsa"] = clock.total_between("encoder_end", "lsa_end", k)
             phases[name]["compress_other"] -= phases[name]["encoder"] + phases[name]["merge_lsa"]
-    e2e = {name: end[k] - start[k] for k, name in enumerate(CLOCKS)}
-    prompt_tokens = int(mask.shape[1])
-    return Measurement(
-        e2e,
-        phases,
-        prompt_tokens,
-        clock.prompt_kv_bytes,
-        memory.added_bytes,
-        load_average,
-        compressed,
-        tokens[0].tolist(),
-    )
+    return {name: end[k] - start[k] for k, name in enumerate(CLOCKS)}, phases
 
 
 def spread(values: list[float]) -> dict:

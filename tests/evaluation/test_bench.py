@@ -198,3 +198,21 @@ def test_without_fast_bf16_the_same_command_runs_in_fp32_and_says_why(checkpoint
     assert env["dtype"] == "float32" and env["baseline_dtypes"] == ["float32"]
     assert "0.20x the speed of fp32" in env["gmsa_dtype_reason"] and env["int8_step_layers"] == 0
     assert any(line.startswith("uncompressed prompt in float32 only: bf16 matmul at 0.20x") for line in lines)
+
+
+def test_llamacpp_arms_are_timed_and_compared_with_both_references(checkpoint, passages, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("GMSA_CACHE", str(tmp_path / "cache"))  # the GGUF export of GMSA's decoder goes there
+    options = settings(checkpoint, passages, tmp_path, lengths=[150], rates=[4], repeats=2, llamacpp="f16")
+    results = run_bench(options, log=lambda line: None)
+    rows = {row["arm"]: row for row in results["rows"]}
+    assert {"uncompressed-llamacpp-f16", "gmsa-fresh-r4-llamacpp-f16", "gmsa-stored-r4-llamacpp-f16"} <= set(rows)
+    for arm in ("gmsa-fresh-r4-llamacpp-f16", "gmsa-stored-r4-llamacpp-f16"):
+        row = rows[arm]
+        assert row["status"] == "ok" and row["prompt_tokens"] == rows["gmsa-fresh-r4"]["prompt_tokens"]
+        assert row["cpu"]["speedup_e2e"]["against"] == "uncompressed-float32"
+        assert row["cpu"]["speedup_vs_llamacpp"]["against"] == "uncompressed-llamacpp-f16"
+        assert "fp32_agreement" in row and row["cpu"]["decode_tokens_per_s"] > 0
+    assert "encoder" in rows["gmsa-fresh-r4-llamacpp-f16"]["cpu"]["phases_s"]
+    assert results["environment"]["llamacpp"]["weight_type"] == "f16"
+    assert "against uncompressed-llamacpp-f16" in (tmp_path / "out" / "bench.md").read_text()

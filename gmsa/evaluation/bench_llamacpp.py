@@ -1,0 +1,122 @@
+"""The llama.cpp arms of ``gmsa bench`` (``--llamacpp TYPE``).
+
+* ``uncompressed-llamacpp-TYPE``: the plain backbone, written as a GGUF of weight type ``TYPE``
+  (:func:`gmsa.gguf_export.write_gguf`), reads ``[context tokens; question]`` as token ids: what a user
+  who runs the uncompressed prompt in llama.cpp gets;
+* ``gmsa-{fresh,stored}-rR-llamacpp-TYPE``: GMSA compresses (or loads) in this process, then its decoder,
+  exported as a GGUF of the same type (:func:`gmsa.gguf_export.exported_gguf`), reads
+  ``[soft tokens; question]`` as embeddings.
+
+Both decode ``new_tokens`` greedy tokens (EOS ignored, the bench's repetition penalty) in
+:class:`gmsa.llamacpp.LlamaCppDecoder`, with the bench's thread count. Their speed-ups are given
+against the bench's reference (plain transformers at its fastest dtype) like every arm, and the GMSA
+arms' also against ``uncompressed-llamacpp-TYPE`` (``speedup_vs_llamacpp``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..compressed import Compressed
+from ..gguf_export import exported_gguf, write_gguf
+from ..llamacpp import LlamaCppDecoder
+from .timing import Arm, Measurement, PeakMemory, PhaseClock, phase_times, ratios, stamp
+
+KV_BYTES = 2  # llama.cpp's KV cache holds f16
+
+
+def llamacpp_decoders(gmsa, plain: torch.nn.Module, weight_type: str, threads: int, workdir: Path) -> dict:
+    """``{"gmsa": ..., "plain": ...}``: GMSA's decoder (answering's adapters) and the plain backbone in llama.cpp."""
+    from ..backbone import DEFAULT_BACKBONE, default_gguf_path
+
+    template = default_gguf_path() if str(gmsa.config.backbone) == DEFAULT_BACKBONE else None
+    plain_path = write_gguf(plain, workdir / f"backbone.{weight_type}.gguf", gmsa.tokenizer, weight_type, template)
+    return {
+        "gmsa": LlamaCppDecoder(exported_gguf(gmsa, weight_type), threads),
+        "plain": LlamaCppDecoder(plain_path, threads),
+    }
+
+
+def llamacpp_arms(weight_type: str, rates: list[int]) -> list[Arm]:
+    arms = [Arm("uncompressed", dtype=weight_type, loop="llamacpp")]
+    for rate in rates:
+        arms += [Arm("gmsa", rate, mode, dtype=weight_type, loop="llamacpp") for mode in ("fresh", "stored")]
+    return arms
+
+
+def kv_bytes(config, positions: int) -> int:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * positions * KV_BYTES
+
+
+def measure_llamacpp(
+    subject,
+    prepare: Callable[[], object],
+    build: Callable[[object], torch.Tensor],
+    first_phase: str,
+    decoder,
+    n_new: int,
+    penalty: float,
+) -> Measurement:
+    """Time ``prepare`` + ``build`` (``(n, H)`` embeddings or ``(n,)`` ids) + llama.cpp's prefill and greedy decoding.
+
+    ``subject``: the GMSA (its encoder and LSA are stamped, as in :func:`gmsa.evaluation.timing.measure`).
+    """
+    device = subject.device
+    load_average = os.getloadavg()[0]
+    marks: list[tuple[float, float]] = []
+    with PeakMemory(device) as memory, PhaseClock(subject, device) as clock:
+        start = stamp(device)
+        prepared_value = prepare()
+        prepared = stamp(device)
+        prompt = build(prepared_value)
+        built = stamp(device)
+        tokens = decoder.greedy_ids(prompt, n_new, penalty, None, on_prefill=lambda: marks.append(stamp(device)))
+        end = stamp(device)
+    e2e, phases = phase_times((start, prepared, built, built, marks[0], end), first_phase, clock)
+    n_prompt = int(prompt.shape[0])
+    compressed = prepared_value if isinstance(prepared_value, Compressed) else None
+    config = subject.model.decoder.config
+    return Measurement(
+        e2e, phases, n_prompt, kv_bytes(config, n_prompt), memory.added_bytes, load_average, compressed, tokens
+    )
+
+
+def run_llamacpp_arm(
+    subjects, arm: Arm, text: str, n_new: int, batch_size: int, stored: Path, penalty: float, question: str
+):
+    """One timed run of a llama.cpp arm (a fresh run leaves its soft tokens in ``stored``, as :func:`run_arm` does)."""
+    gmsa, decoders = subjects.gmsa, subjects.llamacpp
+    if arm.method == "uncompressed":
+        ids = lambda: torch.tensor(gmsa.tokenize_contexts([text])[0] + gmsa.prompt_ids_for(question))  # noqa: E731
+        return measure_llamacpp(gmsa, ids, lambda x: x, "tokenize", decoders["plain"], n_new, penalty)
+
+    def build(compressed: Compressed) -> torch.Tensor:
+        return gmsa.prompt_embeds(compressed, [question])[0]
+
+    if arm.mode == "stored":
+        load = lambda: Compressed.load(stored)  # noqa: E731
+        return measure_llamacpp(gmsa, load, build, "load", decoders["gmsa"], n_new, penalty)
+    compress = lambda: gmsa.compress(text, rate=arm.rate, batch_size=batch_size)  # noqa: E731
+    result = measure_llamacpp(gmsa, compress, build, "compress_other", decoders["gmsa"], n_new, penalty)
+    if not stored.exists():
+        result.compressed.save(stored)
+    return result
+
+
+def add_llamacpp_ratios(rows: list[dict], runs: dict[Arm, list[Measurement]], arms: list[Arm]) -> None:
+    """GMSA's llama.cpp arms against the uncompressed prompt in llama.cpp (same weight type), per clock."""
+    bases = {arm.dtype: runs.get(arm) for arm in arms if arm.method == "uncompressed" and arm.loop == "llamacpp"}
+    for row, arm in zip(rows, arms):
+        base = bases.get(arm.dtype)
+        if arm.method != "gmsa" or arm.loop != "llamacpp" or not base or not runs.get(arm):
+            continue
+        for clock in ("wall", "cpu"):
+            against = ratios([b.e2e[clock] for b in base], [m.e2e[clock] for m in runs[arm]])
+            row[clock]["speedup_vs_llamacpp"] = against | {"against": f"uncompressed-llamacpp-{arm.dtype}"}

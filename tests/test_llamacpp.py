@@ -1,0 +1,116 @@
+"""The llama.cpp engine: its greedy rules, and (where llama-cpp-python is installed) its answers against gmsa's."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gmsa.cli import build_parser, main
+from gmsa.decoding import penalise_repeats
+from gmsa.engine_args import check_engine_args
+from gmsa.engine_base import EngineUnavailableError
+from gmsa.engines import HFEngine
+from gmsa.gguf_export import write_gguf
+from gmsa.llamacpp import import_llama_cpp, penalise, repeats
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city."]
+QUESTIONS = ["What is the capital of France?", "Who jumps over the lazy dog?"]
+
+
+def test_the_penalty_is_gmsa_decodings():
+    logits = torch.randn(1, 50)
+    generated = torch.tensor([[3, 7, 3, 0]])
+    expected = penalise_repeats(logits.clone(), generated, 1.3)[0].numpy()
+    assert np.allclose(penalise(logits[0].numpy().copy(), generated[0].tolist(), 1.3), expected)
+
+
+def test_a_repeat_is_found_once_it_recurs():
+    seen: set = set()
+    flags = [repeats([1, 2, 1, 2, 1][: i + 1], 2, seen) for i in range(5)]
+    assert flags == [False, False, False, True, True]
+
+
+def test_missing_llama_cpp_is_a_clear_error(monkeypatch, tiny_gmsa, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
+    with pytest.raises(EngineUnavailableError, match=r"pip install 'gmsa\[llamacpp\]'"):
+        import_llama_cpp()
+    tiny_gmsa.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ctx.txt").write_text(TEXTS[0])
+    argv = ["answer", "--model", str(tmp_path / "ckpt"), str(tmp_path / "ctx.txt"), "-q", "Who?"]
+    assert main(argv + ["--engine", "llamacpp"]) == 2
+    assert "needs the `llama_cpp` package" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gguf-type", "f16"], "--gguf-type is for --engine llamacpp"),
+        (["--engine-threads", "2"], "--engine-threads is for --engine llamacpp"),
+        (["--engine", "llamacpp", "--engine-url", "http://h:1"], "--engine-url is for --engine vllm"),
+        (["--engine", "llamacpp", "--engine-threads", "0"], "--engine-threads must be >= 1"),
+    ],
+)
+def test_engine_options_that_do_not_fit_are_refused(argv, message):
+    args = build_parser().parse_args(["answer", "-q", "?", *argv])
+    with pytest.raises(ValueError, match=message):
+        check_engine_args(args)
+
+
+# ----------------------------------------------------------------- with llama.cpp
+@pytest.fixture
+def llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture
+def f32_gguf(backbone_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(backbone_dir).eval()
+    return model, write_gguf(model, tmp_path / "tiny.f32.gguf", AutoTokenizer.from_pretrained(backbone_dir), "f32")
+
+
+def test_llama_cpp_reads_embeddings_and_ids_as_torch_does(llama_cpp, f32_gguf):
+    from gmsa.llamacpp import LlamaCppDecoder
+
+    model, path = f32_gguf
+    decoder = LlamaCppDecoder(path, kv_type="f32")
+    ids = torch.tensor([5, 9, 2, 14, 3, 7, 11])
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        expected = model(inputs_embeds=embeds[None]).logits[0]
+        step = model(input_ids=torch.cat([ids, torch.tensor([4])])[None]).logits[0, -1]
+    scale = expected.abs().max().item()  # llama.cpp rounds some intermediate products (e.g. attention) to f16
+    assert np.abs(decoder.prefill(embeds) - expected[-1].numpy()).max() <= 1e-2 * scale
+    assert np.abs(decoder.prefill(ids) - expected[-1].numpy()).max() <= 1e-2 * scale  # the cache was cleared between
+    assert np.abs(decoder.step(4, len(ids)) - step.numpy()).max() <= 1e-2 * scale  # position n follows 0..n-1
+    with pytest.raises(ValueError, match="embeddings or"):
+        decoder.prefill(torch.zeros(3, 5))
+    decoder.close()
+
+
+def test_the_engine_answers_as_gmsa_decoding(llama_cpp, backbone_dir, make_gmsa, tmp_path, monkeypatch):
+    from gmsa.llamacpp import llamacpp_engine
+
+    monkeypatch.setenv("GMSA_CACHE", str(tmp_path))  # the exports go there
+    gmsa = make_gmsa(backbone_dir, decoder_tuning="lora")
+    torch.manual_seed(1)
+    with torch.no_grad():  # a KEFT LoRA that changes the answers (restating switches it off)
+        for name, param in gmsa.model.decoder.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    compressed = gmsa.compress(TEXTS, rate=2)
+    rows = gmsa.prompt_embeds(compressed, QUESTIONS)
+    hf = HFEngine(gmsa.model.decoder, gmsa.tokenizer, batch_size=1)
+    engine = llamacpp_engine(gmsa, "f32", kv_type="f32")
+    for penalty, limit, least in ((1.0, 8, 0), (1.3, 6, 3)):
+        assert engine.generate(rows, limit, penalty, least) == hf.generate(rows, limit, penalty, least)
+    expected = gmsa.generate(compressed, QUESTIONS, max_new_tokens=6), gmsa.reconstruct(compressed, max_new_tokens=9)
+    gmsa.engine = engine
+    assert (
+        gmsa.generate(compressed, QUESTIONS, max_new_tokens=6),
+        gmsa.reconstruct(compressed, max_new_tokens=9),
+    ) == expected
+    assert len(engine.decoders) == 2  # one export with the KEFT LoRA merged, one without
