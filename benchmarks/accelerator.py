@@ -87,7 +87,7 @@ def stage_config(stage: str, payload: Path, work: Path, args: argparse.Namespace
     cfg = TrainConfig.from_sources([str(REPO / "configs" / f"{stage}.toml")], getattr(args, f"{stage}_set"))
     values = dict(
         out_dir=str(work / stage),
-        data=str(payload / "data" / task / "train.jsonl"),
+        data=payload_data(cfg.data, payload / "data" / task),
         val_data=str(payload / "data" / task / "val.jsonl"),
         resume_from="",
         init=str(work / "ae" / "model") if stage == "keft" else cfg.init,
@@ -103,6 +103,14 @@ def stage_config(stage: str, payload: Path, work: Path, args: argparse.Namespace
     else:
         values |= dict(batch_size=getattr(args, f"{stage}_batch"), dtype="bfloat16")
     return dataclasses.replace(cfg, **values)
+
+
+def payload_data(data: str | list[str], folder: Path) -> str | list[str]:
+    """The recipe's data files as packed in the payload; extra files it lacks (cloze rows) are left out."""
+    if isinstance(data, str):
+        return str(folder / "train.jsonl")
+    names = [Path(name).name for name in data]
+    return [str(folder / name) for name in names if name == "train.jsonl" or (folder / name).is_file()]
 
 
 def planned_steps(cfg, done: int, step_s: float, cap0: int, seconds: float) -> int:

@@ -92,6 +92,9 @@ def stage_data(data: Path, into: Path) -> None:
             target = into / "data" / task / f"{split}.jsonl.xz"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(lzma.compress(source.read_bytes(), preset=6))
+    extra = data / "qa" / "cloze-train.jsonl"  # configs/keft.toml mixes it in (`gmsa data cloze`)
+    if extra.is_file():
+        (into / "data" / "qa" / "cloze-train.jsonl.xz").write_bytes(lzma.compress(extra.read_bytes(), preset=6))
 
 
 def pack(accel: Path, data: Path, wheels: Path | None, part_bytes: int) -> dict:

@@ -46,7 +46,10 @@ def read_rows(path: str | list[str]) -> list[dict]:
         raise ValueError("data names no file")
     for name in paths:
         if not Path(name).is_file():
-            raise FileNotFoundError(f"no data file {name}: build the corpora with `gmsa data prepare --out data` first")
+            hint = "`gmsa data prepare --out data`"
+            if "cloze" in Path(name).name:
+                hint = f"`gmsa data cloze --from data/ae/train.jsonl --out {name} --n 3000 --seed 0` (after {hint})"
+            raise FileNotFoundError(f"no data file {name}: build it with {hint} first")
     return [row for name in paths for row in read_jsonl(name)]
 
 

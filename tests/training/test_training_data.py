@@ -49,3 +49,5 @@ def test_read_rows_names_a_missing_file_and_refuses_an_empty_list(tmp_path):
         read_rows([write_rows(tmp_path / "qa.jsonl", ["boolq"]), str(tmp_path / "missing.jsonl")])
     with pytest.raises(ValueError, match="no file"):
         read_rows([])
+    with pytest.raises(FileNotFoundError, match="gmsa data cloze --from data/ae/train.jsonl"):
+        read_rows([str(tmp_path / "cloze-train.jsonl")])  # the command that makes it, not only `data prepare`
