@@ -28,12 +28,13 @@ from transformers import PreTrainedTokenizerBase
 
 from .engine_base import Engine, EngineUnavailableError, GMSALike, per_prompt_limits
 from .gguf_export import DEFAULT_WEIGHT_TYPE, exported_gguf
+from .kv_handoff import GGML_TYPES, TorchPrefill
 
 INSTALL_HINT = (
     "install llama-cpp-python (it compiles llama.cpp for this CPU: about 20 minutes on one core):\n"
     "  pip install 'gmsa[llamacpp]'      # or: pip install llama-cpp-python"
 )
-KV_TYPES = ("f16", "f32")
+KV_TYPES = ("f16", "f32", "bf16")
 BATCH = 512  # positions per llama_decode call of a prefill (llama.cpp's default batch)
 CONTEXT_STEP = 1024  # the context grows in whole steps, so that prompts of similar length share one
 
@@ -141,8 +142,7 @@ class LlamaCppDecoder:
             params.n_ctx = -(-n_positions // CONTEXT_STEP) * CONTEXT_STEP
             params.n_batch = params.n_ubatch = BATCH
             params.n_threads = params.n_threads_batch = self.n_threads
-            kv = self.llama.GGML_TYPE_F16 if self.kv_type == "f16" else self.llama.GGML_TYPE_F32
-            params.type_k = params.type_v = kv
+            params.type_k = params.type_v = GGML_TYPES[self.kv_type][0]
             params.no_perf = True
             if self.flash_attention is not None:  # None: llama.cpp decides (on, on a CPU; it rounds Q to f16)
                 params.flash_attn_type = int(self.flash_attention)
@@ -185,6 +185,21 @@ class LlamaCppDecoder:
             self._decode(batch, start, part.shape[0], start + part.shape[0] == n)
         return self.logits()
 
+    @property
+    def v_trans(self) -> bool:
+        """Whether llama.cpp stores the values transposed (it does without flash attention)."""
+        if self.flash_attention is None:
+            raise ValueError("the cache layout is known only with flash attention set on or off, not left to llama.cpp")
+        return not self.flash_attention
+
+    def load_state(self, blob: bytes, n_positions: int) -> None:
+        """Clear the cache and load one sequence's state (``llama_state_seq_get_data``'s layout) into a context
+        holding at least ``n_positions``."""
+        context = self._context(n_positions)
+        buffer = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if self.llama.llama_state_seq_set_data(context, buffer, len(blob), 0) != len(blob):
+            raise RuntimeError(f"llama.cpp did not take the handed-over KV cache ({self.path.name}; see its log)")
+
     def step(self, token: int, position: int) -> np.ndarray:
         """Read one token at ``position``: its logits."""
         self.token_batch.token[0] = token
@@ -204,12 +219,17 @@ class LlamaCppDecoder:
         min_new_tokens: int = 0,
         repeat_ngram: int = 0,
         on_prefill: Callable[[], None] | None = None,
+        prefill: TorchPrefill | None = None,
     ) -> list[int]:
         """Greedy ids after ``prompt`` (EOS included when it ends the answer; ``eos_token_id=None``: never ends
-        early). ``on_prefill`` is called once the prompt is read (a benchmark's clock)."""
+        early). ``on_prefill`` is called once the prompt is read (a benchmark's clock). ``prefill``: the prompt
+        is read there and its KV cache handed over (:class:`gmsa.kv_handoff.TorchPrefill`), else by llama.cpp."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
-        logits = self.prefill(prompt, max_new_tokens)
+        if prefill is None:
+            logits = self.prefill(prompt, max_new_tokens)
+        else:
+            logits = prefill(self, prompt, max_new_tokens)
         if on_prefill is not None:
             on_prefill()
         generated: list[int] = []
