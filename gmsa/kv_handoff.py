@@ -7,9 +7,9 @@ keys and values in the byte layout of ``llama_state_seq_get_data`` for one seque
 the llama.cpp context with ``llama_state_seq_set_data``; llama.cpp then decodes from position ``n``.
 
 The layout (llama.cpp ``src/llama-context.cpp``, ``state_seq_get_data``, and ``src/llama-kv-cache.cpp``,
-``state_write``; llama-cpp-python 0.3.36), little-endian: ``u32 magic, i32 seq_id = 0``, ``u32 n_stream = 1``, ``u32 n_cells``, per cell ``i32 pos, u32 n_seq_id = 1, i32 seq_id``; ``u32 v_trans,
-u32 n_layer``; per layer ``i32 k_type, u64 k_row_bytes`` and the ``(n_cells, kv_heads * head_dim)`` keys;
-then per layer either ``i32 v_type, u64 v_row_bytes`` and ``(n_cells, kv_dim)`` values, or, transposed (no
+``state_write``; llama-cpp-python 0.3.36), little-endian: ``u32 magic, i32 seq_id = 0``, ``u32 n_stream = 1``,
+``u32 n_cells``, per cell ``i32 pos, u32 n_seq_id = 1, i32 seq_id``; ``u32 v_trans, u32 n_layer``; per layer
+``i32 k_type, u64 k_row_bytes`` and the ``(n_cells, kv_heads * head_dim)`` keys; then per layer either ``i32 v_type, u64 v_row_bytes`` and ``(n_cells, kv_dim)`` values, or, transposed (no
 flash attention), ``i32 v_type, u32 element_bytes, u32 kv_dim`` and ``(kv_dim, n_cells)`` values.
 
 The GGUF's q/k rows are permuted so that llama.cpp's RoPE rotates adjacent pairs (``(2i, 2i+1)``) where
@@ -104,7 +104,7 @@ class TorchPrefill:
 
     def __call__(self, target, prompt: torch.Tensor, reserve: int) -> np.ndarray:
         if prompt.dim() != 2:
-            raise ValueError(f"the PyTorch prefill reads (n, H) embeddings, got a prompt of shape {tuple(prompt.shape)}")
+            raise ValueError(f"the PyTorch prefill reads (n, H) embeddings, got a prompt shaped {tuple(prompt.shape)}")
         logits, cache = torch_prefill(self.decoder(), prompt)
         target.load_state(state_blob(cache_layers(cache), target.kv_type, target.v_trans), prompt.shape[0] + reserve)
         return logits

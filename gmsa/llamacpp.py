@@ -35,6 +35,7 @@ INSTALL_HINT = (
     "  pip install 'gmsa[llamacpp]'      # or: pip install llama-cpp-python"
 )
 KV_TYPES = ("f16", "f32", "bf16")
+PREFILLS = ("torch", "llamacpp")  # who reads the prompt: gmsa's decoder (KV cache handed over), or llama.cpp
 BATCH = 512  # positions per llama_decode call of a prefill (llama.cpp's default batch)
 CONTEXT_STEP = 1024  # the context grows in whole steps, so that prompts of similar length share one
 
@@ -282,9 +283,11 @@ class LlamaCppEngine(Engine):
         tokenizer: PreTrainedTokenizerBase,
         n_threads: int = 1,
         kv_type: str = "f16",
+        prefill: TorchPrefill | None = None,
     ):
         import_llama_cpp()  # fail early, with the install hint
         self.gguf, self.tokenizer, self.n_threads, self.kv_type = gguf, tokenizer, n_threads, kv_type
+        self.prefill = prefill
         self.decoders: dict[Path, LlamaCppDecoder] = {}
 
     def decoder(self) -> LlamaCppDecoder:
@@ -298,8 +301,9 @@ class LlamaCppEngine(Engine):
         decoder = self.decoder()
         texts = []
         for row, limit in zip(prompt_embeds, per_prompt_limits(max_new_tokens, len(prompt_embeds))):
+            eos = self.tokenizer.eos_token_id
             ids = decoder.greedy_ids(
-                row, limit, repetition_penalty, self.tokenizer.eos_token_id, min_new_tokens, repeat_ngram
+                row, limit, repetition_penalty, eos, min_new_tokens, repeat_ngram, prefill=self.prefill
             )
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
@@ -311,9 +315,17 @@ def llamacpp_engine(
     n_threads: int = 1,
     gguf: str | os.PathLike | None = None,
     kv_type: str = "f16",
+    prefill: str = "torch",
 ) -> LlamaCppEngine:
     """The llama.cpp engine for ``gmsa``: on ``gguf`` if given, else on :func:`gmsa.gguf_export.exported_gguf`
-    of its decoder with the adapters active at each call (exported once per set, then cached)."""
+    of its decoder with the adapters active at each call (exported once per set, then cached).
+
+    ``prefill="torch"`` (default): gmsa's own decoder (``GMSA.fast_decoder``, the adapters active at each
+    call) reads the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes
+    the steps; ``"llamacpp"``: llama.cpp reads the prompt too (slower here: its AMX kernels are off)."""
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     import_llama_cpp()  # before exporting
     source = gguf if gguf is not None else (lambda: exported_gguf(gmsa, weight_type))
-    return LlamaCppEngine(source, gmsa.tokenizer, n_threads, kv_type)
+    handoff = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder)) if prefill == "torch" else None
+    return LlamaCppEngine(source, gmsa.tokenizer, n_threads, kv_type, handoff)
