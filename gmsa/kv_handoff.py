@@ -9,8 +9,9 @@ the llama.cpp context with ``llama_state_seq_set_data``; llama.cpp then decodes 
 The layout (llama.cpp ``src/llama-context.cpp``, ``state_seq_get_data``, and ``src/llama-kv-cache.cpp``,
 ``state_write``; llama-cpp-python 0.3.36), little-endian: ``u32 magic, i32 seq_id = 0``, ``u32 n_stream = 1``,
 ``u32 n_cells``, per cell ``i32 pos, u32 n_seq_id = 1, i32 seq_id``; ``u32 v_trans, u32 n_layer``; per layer
-``i32 k_type, u64 k_row_bytes`` and the ``(n_cells, kv_heads * head_dim)`` keys; then per layer either ``i32 v_type, u64 v_row_bytes`` and ``(n_cells, kv_dim)`` values, or, transposed (no
-flash attention), ``i32 v_type, u32 element_bytes, u32 kv_dim`` and ``(kv_dim, n_cells)`` values.
+``i32 k_type, u64 k_row_bytes`` and the ``(n_cells, kv_heads * head_dim)`` keys; then per layer either
+``i32 v_type, u64 v_row_bytes`` and ``(n_cells, kv_dim)`` values, or, transposed (no flash attention),
+``i32 v_type, u32 element_bytes, u32 kv_dim`` and ``(kv_dim, n_cells)`` values.
 
 The GGUF's q/k rows are permuted so that llama.cpp's RoPE rotates adjacent pairs (``(2i, 2i+1)``) where
 ``transformers`` rotates halves (``(i, i + d/2)``, :func:`gmsa.gguf_export.rotary_rows_for_gguf`); llama.cpp's
