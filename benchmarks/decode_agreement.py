@@ -12,7 +12,10 @@ once per decoding path:
   where :func:`gmsa.fast_decode.resolve_int8` adopts them);
 * ``bf16 merged + int4 steps``: the same with int4 step weights (``FastDecoder(int4="on")``);
 * ``llama.cpp TYPE`` (``--llamacpp TYPE ...``): the fp32 model's decoder (its active adapters merged in fp32)
-  exported as a GGUF of weight type TYPE and decoded in llama.cpp (``gmsa.llamacpp``, one thread).
+  exported as a GGUF of weight type TYPE and decoded in llama.cpp (``gmsa.llamacpp``, one thread);
+* ``torch+llama.cpp TYPE`` (``--hybrid TYPE ...``): the default path (bf16 merged + int8 steps) reads the
+  prompt, its KV cache goes to llama.cpp (``gmsa.kv_handoff``), which decodes on the bf16 model's decoder
+  exported as a GGUF of weight type TYPE (``--engine llamacpp``'s default prefill).
 
 ``--paths`` runs a subset (the reference ``fp32`` always runs).
 
@@ -28,6 +31,8 @@ identical to the fp32 path's, and the ROUGE-L difference to the default path pai
     python benchmarks/decode_agreement.py --out reports/bench/decode-agreement-cpu.json
     python benchmarks/decode_agreement.py --paths fp32 --llamacpp q8_0 f16 \
         --out reports/bench/decode-agreement-llamacpp-cpu.json
+    python benchmarks/decode_agreement.py --paths fp32 --hybrid q8_0 \
+        --out reports/bench/decode-agreement-hybrid-cpu.json
 """
 
 from __future__ import annotations
@@ -122,11 +127,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS), help="torch paths to run")
     parser.add_argument("--llamacpp", nargs="*", choices=list(WEIGHT_TYPES), default=[], help="GGUF types to run")
+    parser.add_argument(
+        "--hybrid", nargs="*", choices=list(WEIGHT_TYPES), default=[], help="GGUF types to run after a torch prefill"
+    )
     parser.add_argument("--out", default="reports/bench/decode-agreement-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = fixed_set(Path(args.data), args.examples, args.stride)
-    dtypes = {"float32"} | {PATHS[name][0] for name in args.paths}
+    dtypes = {"float32"} | {PATHS[name][0] for name in args.paths} | ({"bfloat16"} if args.hybrid else set())
     models = {dtype: GMSA.from_pretrained(dtype=dtype) for dtype in sorted(dtypes)}
     tokenizer = models["float32"].tokenizer
     passages = restatement_sample(Path(args.restate_data), tokenizer, args.restate) if args.restate else []
@@ -134,10 +142,14 @@ def main() -> None:
     restated: dict[str, list[str]] = {}
     runs = {name: PATHS[name] for name in dict.fromkeys(["fp32", *args.paths])}
     runs |= {f"llama.cpp {kind}": ("float32", kind) for kind in args.llamacpp}
+    runs |= {f"torch+llama.cpp {kind}": ("bfloat16", kind) for kind in args.hybrid}
     for name, setting in runs.items():
         gmsa = models[setting[0]]
-        if name.startswith("llama.cpp"):
-            gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads)
+        if "llama.cpp" in name:
+            prefill = "torch" if name.startswith("torch") else "llamacpp"
+            if prefill == "torch":  # the default path reads the prompt
+                gmsa.fast_decoder = FastDecoder(int8="on", merge=True)
+            gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads, prefill=prefill)
         else:
             gmsa.fast_decoder = FastDecoder(int8=setting[2], merge=setting[1], int4=setting[3])
         found[name] = answers(gmsa, rows, args.new_tokens, args.batch_size)

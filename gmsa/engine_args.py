@@ -6,11 +6,12 @@ import argparse
 
 ENGINES = ("hf", "vllm", "llamacpp")
 GGUF_TYPES = ("q8_0", "f16", "bf16", "f32")  # gmsa.gguf_export.WEIGHT_TYPES, named here without importing it
+PREFILLS = ("torch", "llamacpp")  # gmsa.llamacpp.PREFILLS
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """``--engine``, ``--engine-url``, ``--engine-model``, ``--gguf-type``, ``--engine-threads`` (shared by
-    ``gmsa answer`` and ``gmsa serve``)."""
+    """``--engine``, ``--engine-url``, ``--engine-model``, ``--gguf-type``, ``--engine-threads``,
+    ``--engine-prefill`` (shared by ``gmsa answer`` and ``gmsa serve``)."""
     parser.add_argument("--engine", choices=ENGINES, default="hf", help="where the decoder runs")
     parser.add_argument("--engine-url", default=None, help="a `vllm serve --enable-prompt-embeds` server (vllm)")
     parser.add_argument(
@@ -22,12 +23,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--gguf-type", choices=GGUF_TYPES, default=None, help="weights of the exported GGUF (llamacpp; default q8_0)"
     )
     parser.add_argument("--engine-threads", type=int, default=None, help="llama.cpp threads (llamacpp; default 1)")
+    parser.add_argument(
+        "--engine-prefill",
+        choices=PREFILLS,
+        default=None,
+        help="who reads the prompt (llamacpp; default torch: gmsa's decoder, its KV cache then handed to llama.cpp)",
+    )
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
     """A ValueError for an engine option that the chosen ``--engine`` does not take."""
     takes = {"engine_url": ("vllm",), "engine_model": ("vllm", "llamacpp"), "gguf_type": ("llamacpp",)}
-    takes["engine_threads"] = ("llamacpp",)
+    takes["engine_threads"] = takes["engine_prefill"] = ("llamacpp",)
     for option, engines in takes.items():
         if getattr(args, option, None) is not None and args.engine not in engines:
             flag = "--" + option.replace("_", "-")

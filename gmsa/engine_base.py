@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import GMSAConfig
+from .fast_decode import FastDecoder
 from .model import GMSAModel
 from .version import __version__
 
@@ -20,6 +21,7 @@ class GMSALike(Protocol):
     model: GMSAModel
     tokenizer: PreTrainedTokenizerBase
     checkpoint_id: str
+    fast_decoder: FastDecoder
 
     @property
     def config(self) -> GMSAConfig: ...

@@ -221,7 +221,8 @@ def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
         from .llamacpp import DEFAULT_WEIGHT_TYPE, llamacpp_engine  # imports llama_cpp, only when asked for
 
         weight_type = getattr(args, "gguf_type", None) or DEFAULT_WEIGHT_TYPE
-        return llamacpp_engine(gmsa, weight_type, getattr(args, "engine_threads", None) or 1, args.engine_model)
+        threads, prefill = getattr(args, "engine_threads", None) or 1, getattr(args, "engine_prefill", None) or "torch"
+        return llamacpp_engine(gmsa, weight_type, threads, args.engine_model, prefill=prefill)
     if args.engine_url:
         engine = VLLMServerEngine(args.engine_url)
         check_export(gmsa, engine.model)

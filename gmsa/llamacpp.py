@@ -28,12 +28,14 @@ from transformers import PreTrainedTokenizerBase
 
 from .engine_base import Engine, EngineUnavailableError, GMSALike, per_prompt_limits
 from .gguf_export import DEFAULT_WEIGHT_TYPE, exported_gguf
+from .kv_handoff import GGML_TYPES, TorchPrefill
 
 INSTALL_HINT = (
     "install llama-cpp-python (it compiles llama.cpp for this CPU: about 20 minutes on one core):\n"
     "  pip install 'gmsa[llamacpp]'      # or: pip install llama-cpp-python"
 )
-KV_TYPES = ("f16", "f32")
+KV_TYPES = ("f16", "f32", "bf16")
+PREFILLS = ("torch", "llamacpp")  # who reads the prompt: gmsa's decoder (KV cache handed over), or llama.cpp
 BATCH = 512  # positions per llama_decode call of a prefill (llama.cpp's default batch)
 CONTEXT_STEP = 1024  # the context grows in whole steps, so that prompts of similar length share one
 
@@ -141,8 +143,7 @@ class LlamaCppDecoder:
             params.n_ctx = -(-n_positions // CONTEXT_STEP) * CONTEXT_STEP
             params.n_batch = params.n_ubatch = BATCH
             params.n_threads = params.n_threads_batch = self.n_threads
-            kv = self.llama.GGML_TYPE_F16 if self.kv_type == "f16" else self.llama.GGML_TYPE_F32
-            params.type_k = params.type_v = kv
+            params.type_k = params.type_v = GGML_TYPES[self.kv_type][0]
             params.no_perf = True
             if self.flash_attention is not None:  # None: llama.cpp decides (on, on a CPU; it rounds Q to f16)
                 params.flash_attn_type = int(self.flash_attention)
@@ -185,6 +186,21 @@ class LlamaCppDecoder:
             self._decode(batch, start, part.shape[0], start + part.shape[0] == n)
         return self.logits()
 
+    @property
+    def v_trans(self) -> bool:
+        """Whether llama.cpp stores the values transposed (it does without flash attention)."""
+        if self.flash_attention is None:
+            raise ValueError("the cache layout is known only with flash attention set on or off, not left to llama.cpp")
+        return not self.flash_attention
+
+    def load_state(self, blob: bytes, n_positions: int) -> None:
+        """Clear the cache and load one sequence's state (``llama_state_seq_get_data``'s layout) into a context
+        holding at least ``n_positions``."""
+        context = self._context(n_positions)
+        buffer = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if self.llama.llama_state_seq_set_data(context, buffer, len(blob), 0) != len(blob):
+            raise RuntimeError(f"llama.cpp did not take the handed-over KV cache ({self.path.name}; see its log)")
+
     def step(self, token: int, position: int) -> np.ndarray:
         """Read one token at ``position``: its logits."""
         self.token_batch.token[0] = token
@@ -204,12 +220,17 @@ class LlamaCppDecoder:
         min_new_tokens: int = 0,
         repeat_ngram: int = 0,
         on_prefill: Callable[[], None] | None = None,
+        prefill: TorchPrefill | None = None,
     ) -> list[int]:
         """Greedy ids after ``prompt`` (EOS included when it ends the answer; ``eos_token_id=None``: never ends
-        early). ``on_prefill`` is called once the prompt is read (a benchmark's clock)."""
+        early). ``on_prefill`` is called once the prompt is read (a benchmark's clock). ``prefill``: the prompt
+        is read there and its KV cache handed over (:class:`gmsa.kv_handoff.TorchPrefill`), else by llama.cpp."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
-        logits = self.prefill(prompt, max_new_tokens)
+        if prefill is None:
+            logits = self.prefill(prompt, max_new_tokens)
+        else:
+            logits = prefill(self, prompt, max_new_tokens)
         if on_prefill is not None:
             on_prefill()
         generated: list[int] = []
@@ -262,9 +283,11 @@ class LlamaCppEngine(Engine):
         tokenizer: PreTrainedTokenizerBase,
         n_threads: int = 1,
         kv_type: str = "f16",
+        prefill: TorchPrefill | None = None,
     ):
         import_llama_cpp()  # fail early, with the install hint
         self.gguf, self.tokenizer, self.n_threads, self.kv_type = gguf, tokenizer, n_threads, kv_type
+        self.prefill = prefill
         self.decoders: dict[Path, LlamaCppDecoder] = {}
 
     def decoder(self) -> LlamaCppDecoder:
@@ -278,8 +301,9 @@ class LlamaCppEngine(Engine):
         decoder = self.decoder()
         texts = []
         for row, limit in zip(prompt_embeds, per_prompt_limits(max_new_tokens, len(prompt_embeds))):
+            eos = self.tokenizer.eos_token_id
             ids = decoder.greedy_ids(
-                row, limit, repetition_penalty, self.tokenizer.eos_token_id, min_new_tokens, repeat_ngram
+                row, limit, repetition_penalty, eos, min_new_tokens, repeat_ngram, prefill=self.prefill
             )
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
@@ -291,9 +315,17 @@ def llamacpp_engine(
     n_threads: int = 1,
     gguf: str | os.PathLike | None = None,
     kv_type: str = "f16",
+    prefill: str = "torch",
 ) -> LlamaCppEngine:
     """The llama.cpp engine for ``gmsa``: on ``gguf`` if given, else on :func:`gmsa.gguf_export.exported_gguf`
-    of its decoder with the adapters active at each call (exported once per set, then cached)."""
+    of its decoder with the adapters active at each call (exported once per set, then cached).
+
+    ``prefill="torch"`` (default): gmsa's own decoder (``GMSA.fast_decoder``, the adapters active at each
+    call) reads the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes
+    the steps; ``"llamacpp"``: llama.cpp reads the prompt too (slower here: its AMX kernels are off)."""
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     import_llama_cpp()  # before exporting
     source = gguf if gguf is not None else (lambda: exported_gguf(gmsa, weight_type))
-    return LlamaCppEngine(source, gmsa.tokenizer, n_threads, kv_type)
+    handoff = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder)) if prefill == "torch" else None
+    return LlamaCppEngine(source, gmsa.tokenizer, n_threads, kv_type, handoff)

@@ -50,6 +50,7 @@ def test_missing_llama_cpp_is_a_clear_error(monkeypatch, tiny_gmsa, tmp_path, ca
     [
         (["--gguf-type", "f16"], "--gguf-type is for --engine llamacpp"),
         (["--engine-threads", "2"], "--engine-threads is for --engine llamacpp"),
+        (["--engine-prefill", "torch"], "--engine-prefill is for --engine llamacpp"),
         (["--engine", "llamacpp", "--engine-url", "http://h:1"], "--engine-url is for --engine vllm"),
         (["--engine", "llamacpp", "--engine-threads", "0"], "--engine-threads must be >= 1"),
     ],
@@ -104,9 +105,14 @@ def test_the_engine_answers_as_gmsa_decoding(llama_cpp, backbone_dir, make_gmsa,
     compressed = gmsa.compress(TEXTS, rate=2)
     rows = gmsa.prompt_embeds(compressed, QUESTIONS)
     hf = HFEngine(gmsa.model.decoder, gmsa.tokenizer, batch_size=1)
-    engine = llamacpp_engine(gmsa, "f32", kv_type="f32")
+    engine = llamacpp_engine(gmsa, "f32", kv_type="f32")  # the prompt read by gmsa's decoder, its cache handed over
+    own_prefill = llamacpp_engine(gmsa, "f32", kv_type="f32", prefill="llamacpp")
     for penalty, limit, least in ((1.0, 8, 0), (1.3, 6, 3)):
-        assert engine.generate(rows, limit, penalty, least) == hf.generate(rows, limit, penalty, least)
+        expected = hf.generate(rows, limit, penalty, least)
+        assert engine.generate(rows, limit, penalty, least) == expected
+        assert own_prefill.generate(rows, limit, penalty, least) == expected
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        llamacpp_engine(gmsa, "f32", prefill="vllm")
     expected = gmsa.generate(compressed, QUESTIONS, max_new_tokens=6), gmsa.reconstruct(compressed, max_new_tokens=9)
     gmsa.engine = engine
     assert (

@@ -96,7 +96,7 @@ def test_import_gmsa_loads_no_torch():
 
 
 CORE = ["config", "backbone", "merge", "model", "compressed", "chunking", "decoding", "engines", "api", "checkpoint"]
-CORE += ["engine_base", "gguf_export", "llamacpp"]
+CORE += ["engine_base", "gguf_export", "llamacpp", "kv_handoff"]
 
 
 def gmsa_imports(module: str) -> set[str]:

@@ -39,7 +39,7 @@ from ..cli_options import add_options, from_args
 from ..compressed import Compressed
 from ..decoding import greedy_generate
 from ..version import __version__
-from .bench_llamacpp import add_llamacpp_ratios, llamacpp_arms, llamacpp_decoders, run_llamacpp_arm
+from .bench_llamacpp import LLAMACPP_LOOPS, add_llamacpp_ratios, llamacpp_arms, llamacpp_decoders, run_llamacpp_arm
 from .bench_report import format_table, target_checks, write_results
 from .bench_settings import BENCH_DTYPES, BenchSettings  # noqa: F401  (re-exported)
 from .passages import exact_length_text, read_passages
@@ -69,7 +69,7 @@ class Subjects:
 def run_arm(subjects: Subjects, arm: Arm, text: str, n_new: int, batch_size: int, stored: Path) -> Measurement:
     """Time one run of ``arm``; a fresh run leaves its soft tokens in ``stored`` for the stored runs."""
     gmsa = subjects.gmsa
-    if arm.loop == "llamacpp":
+    if arm.loop in LLAMACPP_LOOPS:
         return run_llamacpp_arm(subjects, arm, text, n_new, batch_size, stored, REPETITION_PENALTY, QUESTION)
     if arm.method == "uncompressed":
         decoder = subjects.baselines[arm.dtype]
@@ -149,7 +149,7 @@ def skip_reason(gmsa, arm: Arm, length: int, settings: BenchSettings, question_t
     if arm.mode == "fresh":
         n_windows = math.ceil(length / gmsa.config.window)
         encoder_tokens = min(length, gmsa.config.window) * min(n_windows, settings.batch_size)
-    dtype = getattr(torch, arm.dtype) if arm.dtype and arm.loop != "llamacpp" else gmsa.inference_dtype
+    dtype = getattr(torch, arm.dtype) if arm.dtype and arm.loop not in LLAMACPP_LOOPS else gmsa.inference_dtype
     dtype_bytes = torch.finfo(dtype).bits // 8
     need = estimated_bytes(config, prompt, settings.new_tokens, encoder_tokens, dtype_bytes)
     have = available_bytes(gmsa.device)

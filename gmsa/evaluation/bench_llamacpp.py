@@ -5,7 +5,9 @@
   who runs the uncompressed prompt in llama.cpp gets;
 * ``gmsa-{fresh,stored}-rR-llamacpp-TYPE``: GMSA compresses (or loads) in this process, then its decoder,
   exported as a GGUF of the same type (:func:`gmsa.gguf_export.exported_gguf`), reads
-  ``[soft tokens; question]`` as embeddings.
+  ``[soft tokens; question]`` as embeddings;
+* ``gmsa-{fresh,stored}-rR-torch+llamacpp-TYPE``: the same, but GMSA's own decoder (``GMSA.fast_decoder``) reads
+  the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes the steps.
 
 Both decode ``new_tokens`` greedy tokens (EOS ignored, the bench's repetition penalty) in
 :class:`gmsa.llamacpp.LlamaCppDecoder`, with the bench's thread count. Their speed-ups are given
@@ -23,10 +25,12 @@ import torch
 
 from ..compressed import Compressed
 from ..gguf_export import exported_gguf, write_gguf
+from ..kv_handoff import TorchPrefill
 from ..llamacpp import LlamaCppDecoder
 from .timing import Arm, Measurement, PeakMemory, PhaseClock, phase_times, ratios, stamp
 
 KV_BYTES = 2  # llama.cpp's KV cache holds f16
+LLAMACPP_LOOPS = ("llamacpp", "hybrid")  # the arms' decoding loops that run in llama.cpp
 
 
 def llamacpp_decoders(gmsa, plain: torch.nn.Module, weight_type: str, threads: int, workdir: Path) -> dict:
@@ -44,7 +48,8 @@ def llamacpp_decoders(gmsa, plain: torch.nn.Module, weight_type: str, threads: i
 def llamacpp_arms(weight_type: str, rates: list[int]) -> list[Arm]:
     arms = [Arm("uncompressed", dtype=weight_type, loop="llamacpp")]
     for rate in rates:
-        arms += [Arm("gmsa", rate, mode, dtype=weight_type, loop="llamacpp") for mode in ("fresh", "stored")]
+        for loop in LLAMACPP_LOOPS:
+            arms += [Arm("gmsa", rate, mode, dtype=weight_type, loop=loop) for mode in ("fresh", "stored")]
     return arms
 
 
@@ -63,10 +68,12 @@ def measure_llamacpp(
     decoder,
     n_new: int,
     penalty: float,
+    prefill: TorchPrefill | None = None,
 ) -> Measurement:
     """Time ``prepare`` + ``build`` (``(n, H)`` embeddings or ``(n,)`` ids) + llama.cpp's prefill and greedy decoding.
 
     ``subject``: the GMSA (its encoder and LSA are stamped, as in :func:`gmsa.evaluation.timing.measure`).
+    ``prefill``: who reads the prompt, if not llama.cpp (:meth:`gmsa.llamacpp.LlamaCppDecoder.greedy_ids`).
     """
     device = subject.device
     load_average = os.getloadavg()[0]
@@ -77,7 +84,8 @@ def measure_llamacpp(
         prepared = stamp(device)
         prompt = build(prepared_value)
         built = stamp(device)
-        tokens = decoder.greedy_ids(prompt, n_new, penalty, None, on_prefill=lambda: marks.append(stamp(device)))
+        mark = lambda: marks.append(stamp(device))  # noqa: E731
+        tokens = decoder.greedy_ids(prompt, n_new, penalty, None, on_prefill=mark, prefill=prefill)
         end = stamp(device)
     e2e, phases = phase_times((start, prepared, built, built, marks[0], end), first_phase, clock)
     n_prompt = int(prompt.shape[0])
@@ -100,11 +108,12 @@ def run_llamacpp_arm(
     def build(compressed: Compressed) -> torch.Tensor:
         return gmsa.prompt_embeds(compressed, [question])[0]
 
+    prefill = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder)) if arm.loop == "hybrid" else None
     if arm.mode == "stored":
         load = lambda: Compressed.load(stored)  # noqa: E731
-        return measure_llamacpp(gmsa, load, build, "load", decoders["gmsa"], n_new, penalty)
+        return measure_llamacpp(gmsa, load, build, "load", decoders["gmsa"], n_new, penalty, prefill)
     compress = lambda: gmsa.compress(text, rate=arm.rate, batch_size=batch_size)  # noqa: E731
-    result = measure_llamacpp(gmsa, compress, build, "compress_other", decoders["gmsa"], n_new, penalty)
+    result = measure_llamacpp(gmsa, compress, build, "compress_other", decoders["gmsa"], n_new, penalty, prefill)
     if not stored.exists():
         result.compressed.save(stored)
     return result
@@ -115,7 +124,7 @@ def add_llamacpp_ratios(rows: list[dict], runs: dict[Arm, list[Measurement]], ar
     bases = {arm.dtype: runs.get(arm) for arm in arms if arm.method == "uncompressed" and arm.loop == "llamacpp"}
     for row, arm in zip(rows, arms):
         base = bases.get(arm.dtype)
-        if arm.method != "gmsa" or arm.loop != "llamacpp" or not base or not runs.get(arm):
+        if arm.method != "gmsa" or arm.loop not in LLAMACPP_LOOPS or not base or not runs.get(arm):
             continue
         for clock in ("wall", "cpu"):
             against = ratios([b.e2e[clock] for b in base], [m.e2e[clock] for m in runs[arm]])

@@ -206,13 +206,16 @@ def test_llamacpp_arms_are_timed_and_compared_with_both_references(checkpoint, p
     options = settings(checkpoint, passages, tmp_path, lengths=[150], rates=[4], repeats=2, llamacpp="f16")
     results = run_bench(options, log=lambda line: None)
     rows = {row["arm"]: row for row in results["rows"]}
-    assert {"uncompressed-llamacpp-f16", "gmsa-fresh-r4-llamacpp-f16", "gmsa-stored-r4-llamacpp-f16"} <= set(rows)
-    for arm in ("gmsa-fresh-r4-llamacpp-f16", "gmsa-stored-r4-llamacpp-f16"):
+    loops = ("llamacpp", "torch+llamacpp")
+    gmsa_arms = [f"gmsa-{mode}-r4-{loop}-f16" for loop in loops for mode in ("fresh", "stored")]
+    assert {"uncompressed-llamacpp-f16", *gmsa_arms} <= set(rows)
+    for arm in gmsa_arms:
         row = rows[arm]
         assert row["status"] == "ok" and row["prompt_tokens"] == rows["gmsa-fresh-r4"]["prompt_tokens"]
         assert row["cpu"]["speedup_e2e"]["against"] == "uncompressed-float32"
         assert row["cpu"]["speedup_vs_llamacpp"]["against"] == "uncompressed-llamacpp-f16"
         assert "fp32_agreement" in row and row["cpu"]["decode_tokens_per_s"] > 0
     assert "encoder" in rows["gmsa-fresh-r4-llamacpp-f16"]["cpu"]["phases_s"]
+    assert rows["gmsa-fresh-r4-torch+llamacpp-f16"]["answer"] == rows["gmsa-fresh-r4"]["answer"]  # fp32: same answer
     assert results["environment"]["llamacpp"]["weight_type"] == "f16"
     assert "against uncompressed-llamacpp-f16" in (tmp_path / "out" / "bench.md").read_text()

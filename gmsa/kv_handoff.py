@@ -1,0 +1,111 @@
+"""A KV cache handed from gmsa's PyTorch prefill to llama.cpp (``--engine llamacpp --engine-prefill torch``).
+
+llama.cpp's decoding step is faster than PyTorch's on a CPU, but its prefill is not (docs/speed.md: its
+AMX kernels are off here, llama.cpp#20824). :class:`TorchPrefill` runs the prompt through gmsa's own
+decoder (LoRA merged, bf16, ``logits_to_keep=1``, as :func:`gmsa.decoding.greedy_steps` does), writes the
+keys and values in the byte layout of ``llama_state_seq_get_data`` for one sequence, and loads them into
+the llama.cpp context with ``llama_state_seq_set_data``; llama.cpp then decodes from position ``n``.
+
+The layout (llama.cpp ``src/llama-context.cpp``, ``state_seq_get_data``, and ``src/llama-kv-cache.cpp``,
+``state_write``; llama-cpp-python 0.3.36), little-endian: ``u32 magic, i32 seq_id = 0``, ``u32 n_stream = 1``,
+``u32 n_cells``, per cell ``i32 pos, u32 n_seq_id = 1, i32 seq_id``; ``u32 v_trans, u32 n_layer``; per layer
+``i32 k_type, u64 k_row_bytes`` and the ``(n_cells, kv_heads * head_dim)`` keys; then per layer either
+``i32 v_type, u64 v_row_bytes`` and ``(n_cells, kv_dim)`` values, or, transposed (no flash attention),
+``i32 v_type, u32 element_bytes, u32 kv_dim`` and ``(kv_dim, n_cells)`` values.
+
+The GGUF's q/k rows are permuted so that llama.cpp's RoPE rotates adjacent pairs (``(2i, 2i+1)``) where
+``transformers`` rotates halves (``(i, i + d/2)``, :func:`gmsa.gguf_export.rotary_rows_for_gguf`); llama.cpp's
+cached keys are therefore ``transformers``' post-RoPE keys with each head's dimensions interleaved the same way.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+# ggml's type ids (ggml.h) of the cache types the handoff writes, and the torch dtype each is written from
+STATE_MAGIC = 0xAF143CD8  # llama-context.cpp's io_magic: the first four bytes of a sequence's state
+GGML_TYPES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "bf16": (30, torch.bfloat16)}
+
+
+def llama_head_order(keys: torch.Tensor) -> torch.Tensor:
+    """``(..., head_dim)`` keys in ``transformers``' half-split RoPE order -> llama.cpp's interleaved order."""
+    half = keys.shape[-1] // 2
+    return keys.unflatten(-1, (2, half)).transpose(-1, -2).flatten(-2)
+
+
+def _raw(values: torch.Tensor, kv_type: str) -> bytes:
+    """The tensor's bytes in the cache type (bf16 through an int16 view: numpy has no bf16)."""
+    values = values.to(GGML_TYPES[kv_type][1]).contiguous()
+    if values.dtype == torch.bfloat16:
+        values = values.view(torch.int16)
+    return values.numpy().tobytes()
+
+
+def state_blob(layers: list[tuple[torch.Tensor, torch.Tensor]], kv_type: str, v_trans: bool) -> bytes:
+    """One sequence's llama.cpp state from per-layer ``(keys, values)`` of shape ``(kv_heads, n, head_dim)``
+    (``transformers``' post-RoPE cache of one unpadded row, positions ``0..n-1``)."""
+    if kv_type not in GGML_TYPES:
+        raise ValueError(f"kv_type must be one of {tuple(GGML_TYPES)}, got {kv_type!r}")
+    type_id, dtype = GGML_TYPES[kv_type]
+    element = torch.empty(0, dtype=dtype).element_size()
+    heads, n, head_dim = layers[0][0].shape
+    cells = np.zeros(n, dtype=[("pos", "<i4"), ("n_seq_id", "<u4"), ("seq_id", "<i4")])
+    cells["pos"], cells["n_seq_id"] = np.arange(n), 1
+    parts = [struct.pack("<IiII", STATE_MAGIC, 0, 1, n), cells.tobytes(), struct.pack("<II", int(v_trans), len(layers))]
+    for keys, _ in layers:
+        rows = llama_head_order(keys.cpu()).transpose(0, 1).reshape(n, heads * head_dim)
+        parts += [struct.pack("<iQ", type_id, heads * head_dim * element), _raw(rows, kv_type)]
+    for _, values in layers:
+        values = values.cpu()
+        if v_trans:
+            columns = values.transpose(1, 2).reshape(heads * head_dim, n)
+            parts += [struct.pack("<iII", type_id, element, heads * head_dim), _raw(columns, kv_type)]
+        else:
+            rows = values.transpose(0, 1).reshape(n, heads * head_dim)
+            parts += [struct.pack("<iQ", type_id, heads * head_dim * element), _raw(rows, kv_type)]
+    return b"".join(parts)
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)`` ``(kv_heads, n, head_dim)`` of a one-row ``transformers`` cache."""
+    layers = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.shape[0] != 1:
+            raise ValueError("the handoff takes a one-row cache whose every layer holds full-attention keys and values")
+        layers.append((keys[0], values[0]))
+    return layers
+
+
+@torch.inference_mode()
+def torch_prefill(decoder: torch.nn.Module, embeds: torch.Tensor) -> tuple[np.ndarray, DynamicCache]:
+    """``decoder`` over one ``(n, H)`` prompt at positions ``0..n-1``: the last position's logits and the cache."""
+    cache = DynamicCache(config=decoder.config)
+    output = decoder(
+        inputs_embeds=embeds[None].to(decoder.dtype),
+        position_ids=torch.arange(embeds.shape[0], device=embeds.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return output.logits[0, -1].float().cpu().numpy(), cache
+
+
+class TorchPrefill:
+    """A prefill for :meth:`gmsa.llamacpp.LlamaCppDecoder.greedy_ids`: ``decoder()`` (the PyTorch decoder that
+    matches the GGUF, e.g. ``GMSA.fast_decoder.of(GMSA.model.decoder)``) reads the prompt embeddings, and its
+    cache goes into the llama.cpp context."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def __call__(self, target, prompt: torch.Tensor, reserve: int) -> np.ndarray:
+        if prompt.dim() != 2:
+            raise ValueError(f"the PyTorch prefill reads (n, H) embeddings, got a prompt shaped {tuple(prompt.shape)}")
+        logits, cache = torch_prefill(self.decoder(), prompt)
+        target.load_state(state_blob(cache_layers(cache), target.kv_type, target.v_trans), prompt.shape[0] + reserve)
+        return logits
