@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .decoding import RepeatDetector, penalise_repeats
 from .engine_base import Engine, EngineUnavailableError, GMSALike, per_prompt_limits
 from .gguf_export import DEFAULT_WEIGHT_TYPE, exported_gguf
 from .kv_handoff import GGML_TYPES, TorchPrefill
@@ -69,26 +70,6 @@ def _forward_log(level: int, text: bytes, _user_data) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
         log.log(LOG_LEVELS.get(level, logging.DEBUG), "llama.cpp: %s", message)
-
-
-def penalise(logits: np.ndarray, generated: list[int], penalty: float) -> np.ndarray:
-    """CTRL repetition penalty on the tokens generated so far (:func:`gmsa.decoding.penalise_repeats`)."""
-    if penalty == 1.0 or not generated:
-        return logits
-    ids = np.unique(np.asarray(generated))
-    scores = logits[ids]
-    logits[ids] = np.where(scores < 0, scores * penalty, scores / penalty)
-    return logits
-
-
-def repeats(generated: list[int], n: int, seen: set[tuple[int, ...]]) -> bool:
-    """Whether the last ``n`` tokens already occurred in that order (:class:`gmsa.decoding.RepeatDetector`)."""
-    if n < 1 or len(generated) < n:
-        return False
-    gram = tuple(generated[-n:])
-    looped = gram in seen
-    seen.add(gram)
-    return looped
 
 
 class LlamaCppDecoder:
@@ -233,21 +214,21 @@ class LlamaCppDecoder:
             logits = prefill(self, prompt, max_new_tokens)
         if on_prefill is not None:
             on_prefill()
-        generated: list[int] = []
-        seen: set[tuple[int, ...]] = set()
+        generated = torch.empty(1, 0, dtype=torch.long)
+        loops, running = RepeatDetector(1, repeat_ngram), torch.zeros(1, dtype=torch.bool)
         position = prompt.shape[0]
         for index in range(max_new_tokens):
-            logits = penalise(logits, generated, repetition_penalty)
+            scores = penalise_repeats(torch.from_numpy(logits)[None], generated, repetition_penalty)[0]
             if eos_token_id is not None and index < min_new_tokens:
-                logits[eos_token_id] = -np.inf
-            token = int(np.argmax(logits))
-            generated.append(token)
-            ended = token == eos_token_id or repeats(generated, repeat_ngram, seen)
+                scores[eos_token_id] = -torch.inf
+            token = int(scores.argmax())
+            generated = torch.cat([generated, torch.tensor([[token]])], dim=1)
+            ended = token == eos_token_id or bool(loops.update(generated, running)[0])
             if ended or index == max_new_tokens - 1:
                 break
             logits = self.step(token, position)
             position += 1
-        return generated
+        return generated[0].tolist()
 
     def close(self) -> None:
         """Free llama.cpp's context, batches and model (the object is unusable afterwards)."""

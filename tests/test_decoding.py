@@ -134,3 +134,12 @@ def test_a_streamer_gets_every_token_then_the_end(tiny_gmsa, stream_recorder):
     both = left_padded_prompt(tiny_gmsa)
     with pytest.raises(ValueError, match="one prompt at a time"):
         greedy_generate(tiny_gmsa.model.decoder, both.inputs_embeds, both.attention_mask, 7, streamer=recorder)
+
+
+def test_a_repeat_is_found_once_it_recurs():
+    from gmsa.decoding import RepeatDetector
+
+    detector, running = RepeatDetector(1, 2), torch.zeros(1, dtype=torch.bool)
+    ids = [1, 2, 1, 2, 1]
+    flags = [bool(detector.update(torch.tensor([ids[: i + 1]]), running)[0]) for i in range(5)]
+    assert flags == [False, False, False, True, True]

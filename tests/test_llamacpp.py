@@ -10,28 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gmsa.cli import build_parser, main
-from gmsa.decoding import penalise_repeats
 from gmsa.engine_args import check_engine_args
 from gmsa.engine_base import EngineUnavailableError
 from gmsa.engines import HFEngine
 from gmsa.gguf_export import write_gguf
-from gmsa.llamacpp import import_llama_cpp, penalise, repeats
+from gmsa.llamacpp import import_llama_cpp
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and its largest city."]
 QUESTIONS = ["What is the capital of France?", "Who jumps over the lazy dog?"]
-
-
-def test_the_penalty_is_gmsa_decodings():
-    logits = torch.randn(1, 50)
-    generated = torch.tensor([[3, 7, 3, 0]])
-    expected = penalise_repeats(logits.clone(), generated, 1.3)[0].numpy()
-    assert np.allclose(penalise(logits[0].numpy().copy(), generated[0].tolist(), 1.3), expected)
-
-
-def test_a_repeat_is_found_once_it_recurs():
-    seen: set = set()
-    flags = [repeats([1, 2, 1, 2, 1][: i + 1], 2, seen) for i in range(5)]
-    assert flags == [False, False, False, True, True]
 
 
 def test_missing_llama_cpp_is_a_clear_error(monkeypatch, tiny_gmsa, tmp_path, capsys):
