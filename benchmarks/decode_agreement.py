@@ -15,7 +15,9 @@ once per decoding path:
   exported as a GGUF of weight type TYPE and decoded in llama.cpp (``gmsa.llamacpp``, one thread);
 * ``torch+llama.cpp TYPE`` (``--hybrid TYPE ...``): the default path (bf16 merged + int8 steps) reads the
   prompt, its KV cache goes to llama.cpp (``gmsa.kv_handoff``), which decodes on the bf16 model's decoder
-  exported as a GGUF of weight type TYPE (``--engine llamacpp``'s default prefill).
+  exported as a GGUF of weight type TYPE (``--engine llamacpp``'s default prefill; its steps on repacked weights);
+* ``torch (compiled)+llama.cpp TYPE`` (``--hybrid-compiled TYPE ...``): the same with the prefill compiled
+  (``--engine-compile``).
 
 ``--paths`` runs a subset (the reference ``fp32`` always runs).
 
@@ -33,6 +35,8 @@ identical to the fp32 path's, and the ROUGE-L difference to the default path pai
         --out reports/bench/decode-agreement-llamacpp-cpu.json
     python benchmarks/decode_agreement.py --paths fp32 --hybrid q8_0 \
         --out reports/bench/decode-agreement-hybrid-cpu.json
+    python benchmarks/decode_agreement.py --paths fp32 --hybrid-compiled q8_0 \
+        --out reports/bench/decode-agreement-hybrid-compiled-cpu.json
 """
 
 from __future__ import annotations
@@ -130,11 +134,15 @@ def main() -> None:
     parser.add_argument(
         "--hybrid", nargs="*", choices=list(WEIGHT_TYPES), default=[], help="GGUF types to run after a torch prefill"
     )
+    parser.add_argument(
+        "--hybrid-compiled", nargs="*", choices=list(WEIGHT_TYPES), default=[], help="the same, the prefill compiled"
+    )
     parser.add_argument("--out", default="reports/bench/decode-agreement-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = fixed_set(Path(args.data), args.examples, args.stride)
-    dtypes = {"float32"} | {PATHS[name][0] for name in args.paths} | ({"bfloat16"} if args.hybrid else set())
+    hybrid = args.hybrid or args.hybrid_compiled
+    dtypes = {"float32"} | {PATHS[name][0] for name in args.paths} | ({"bfloat16"} if hybrid else set())
     models = {dtype: GMSA.from_pretrained(dtype=dtype) for dtype in sorted(dtypes)}
     tokenizer = models["float32"].tokenizer
     passages = restatement_sample(Path(args.restate_data), tokenizer, args.restate) if args.restate else []
@@ -143,13 +151,15 @@ def main() -> None:
     runs = {name: PATHS[name] for name in dict.fromkeys(["fp32", *args.paths])}
     runs |= {f"llama.cpp {kind}": ("float32", kind) for kind in args.llamacpp}
     runs |= {f"torch+llama.cpp {kind}": ("bfloat16", kind) for kind in args.hybrid}
+    runs |= {f"torch (compiled)+llama.cpp {kind}": ("bfloat16", kind) for kind in args.hybrid_compiled}
     for name, setting in runs.items():
         gmsa = models[setting[0]]
         if "llama.cpp" in name:
             prefill = "torch" if name.startswith("torch") else "llamacpp"
             if prefill == "torch":  # the default path reads the prompt
                 gmsa.fast_decoder = FastDecoder(int8="on", merge=True)
-            gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads, prefill=prefill)
+            compiled = "(compiled)" in name
+            gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads, prefill=prefill, compile_prefill=compiled)
         else:
             gmsa.fast_decoder = FastDecoder(int8=setting[2], merge=setting[1], int4=setting[3])
         found[name] = answers(gmsa, rows, args.new_tokens, args.batch_size)

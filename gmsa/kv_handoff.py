@@ -37,37 +37,52 @@ def llama_head_order(keys: torch.Tensor) -> torch.Tensor:
     return keys.unflatten(-1, (2, half)).transpose(-1, -2).flatten(-2)
 
 
-def _raw(values: torch.Tensor, kv_type: str) -> bytes:
-    """The tensor's bytes in the cache type (bf16 through an int16 view: numpy has no bf16)."""
-    values = values.to(GGML_TYPES[kv_type][1]).contiguous()
-    if values.dtype == torch.bfloat16:
-        values = values.view(torch.int16)
-    return values.numpy().tobytes()
+def state_blob(
+    layers: list[tuple[torch.Tensor, torch.Tensor]], kv_type: str, v_trans: bool, out: np.ndarray | None = None
+) -> np.ndarray:
+    """One sequence's llama.cpp state (``uint8``) from per-layer ``(keys, values)`` of shape ``(kv_heads, n, head_dim)``
+    (``transformers``' post-RoPE cache of one unpadded row, positions ``0..n-1``).
 
-
-def state_blob(layers: list[tuple[torch.Tensor, torch.Tensor]], kv_type: str, v_trans: bool) -> bytes:
-    """One sequence's llama.cpp state from per-layer ``(keys, values)`` of shape ``(kv_heads, n, head_dim)``
-    (``transformers``' post-RoPE cache of one unpadded row, positions ``0..n-1``)."""
+    Each layer's keys and values are written straight into their place in one buffer by a single ``copy_``
+    (reordered and converted to the cache type at once): no intermediate copies of a cache of tens of MB.
+    ``out``: a ``uint8`` buffer to write into when it is large enough (the start of it is returned), so that
+    repeated handoffs do not fault in fresh pages for every state (0.05 s of a 47 MB state here)."""
     if kv_type not in GGML_TYPES:
         raise ValueError(f"kv_type must be one of {tuple(GGML_TYPES)}, got {kv_type!r}")
     type_id, dtype = GGML_TYPES[kv_type]
     element = torch.empty(0, dtype=dtype).element_size()
     heads, n, head_dim = layers[0][0].shape
+    kv_dim, half = heads * head_dim, head_dim // 2
     cells = np.zeros(n, dtype=[("pos", "<i4"), ("n_seq_id", "<u4"), ("seq_id", "<i4")])
     cells["pos"], cells["n_seq_id"] = np.arange(n), 1
-    parts = [struct.pack("<IiII", STATE_MAGIC, 0, 1, n), cells.tobytes(), struct.pack("<II", int(v_trans), len(layers))]
-    for keys, _ in layers:
-        rows = llama_head_order(keys.cpu()).transpose(0, 1).reshape(n, heads * head_dim)
-        parts += [struct.pack("<iQ", type_id, heads * head_dim * element), _raw(rows, kv_type)]
-    for _, values in layers:
+    header = (
+        struct.pack("<IiII", STATE_MAGIC, 0, 1, n) + cells.tobytes() + struct.pack("<II", int(v_trans), len(layers))
+    )
+    k_header = struct.pack("<iQ", type_id, kv_dim * element)
+    v_header = struct.pack("<iII", type_id, element, kv_dim) if v_trans else k_header
+    part = n * kv_dim * element
+    size = len(header) + len(layers) * (len(k_header) + len(v_header) + 2 * part)
+    blob = out[:size] if out is not None and out.size >= size else np.empty(size, dtype=np.uint8)
+    blob[: len(header)] = np.frombuffer(header, np.uint8)
+    offset = len(header)
+
+    def put(head: bytes, shape: tuple[int, ...], source: torch.Tensor) -> None:
+        nonlocal offset
+        blob[offset : offset + len(head)] = np.frombuffer(head, np.uint8)
+        offset += len(head)
+        target = torch.from_numpy(blob[offset : offset + part]).view(dtype).view(shape)
+        target.copy_(source)  # one pass: reorder and convert to the cache type
+        offset += part
+
+    for keys, _ in layers:  # rows of keys, each head's dimensions interleaved (llama_head_order)
+        put(k_header, (n, heads, half, 2), keys.cpu().unflatten(-1, (2, half)).permute(1, 0, 3, 2))
+    for _, values in layers:  # values transposed (one row per dimension, no flash attention), or as rows
         values = values.cpu()
         if v_trans:
-            columns = values.transpose(1, 2).reshape(heads * head_dim, n)
-            parts += [struct.pack("<iII", type_id, element, heads * head_dim), _raw(columns, kv_type)]
+            put(v_header, (heads, head_dim, n), values.transpose(1, 2))
         else:
-            rows = values.transpose(0, 1).reshape(n, heads * head_dim)
-            parts += [struct.pack("<iQ", type_id, heads * head_dim * element), _raw(rows, kv_type)]
-    return b"".join(parts)
+            put(v_header, (n, heads, head_dim), values.transpose(0, 1))
+    return blob
 
 
 def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -98,14 +113,33 @@ def torch_prefill(decoder: torch.nn.Module, embeds: torch.Tensor) -> tuple[np.nd
 class TorchPrefill:
     """A prefill for :meth:`gmsa.llamacpp.LlamaCppDecoder.greedy_ids`: ``decoder()`` (the PyTorch decoder that
     matches the GGUF, e.g. ``GMSA.fast_decoder.of(GMSA.model.decoder)``) reads the prompt embeddings, and its
-    cache goes into the llama.cpp context."""
+    cache goes into the llama.cpp context.
 
-    def __init__(self, decoder):
-        self.decoder = decoder
+    ``compile=True`` runs the decoder through ``torch.compile`` (dynamic shapes: one graph for every prompt
+    length), which fuses its elementwise work (norms, rotary embeddings, activations): prefills about 20 %
+    faster on this CPU, after a one-off compile of 25-50 s on the first prompt (less with inductor's on-disk
+    cache warm). For long-lived processes (a server), not one-off commands. The decoder itself is not changed."""
+
+    def __init__(self, decoder, compile: bool = False):  # noqa: A002  (torch.compile's own name for it)
+        self.decoder, self.compile = decoder, compile
+        self.buffer = np.empty(0, dtype=np.uint8)  # the largest state so far, written over by each handoff
+        self.compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (decoder, its compiled wrapper)
+
+    def module(self) -> torch.nn.Module:
+        """The decoder to run: ``decoder()``, or its compiled wrapper (made again when ``decoder()`` changes)."""
+        decoder = self.decoder()
+        if not self.compile:
+            return decoder
+        if self.compiled is None or self.compiled[0] is not decoder:
+            self.compiled = decoder, torch.compile(decoder, dynamic=True)
+        return self.compiled[1]
 
     def __call__(self, target, prompt: torch.Tensor, reserve: int) -> np.ndarray:
         if prompt.dim() != 2:
             raise ValueError(f"the PyTorch prefill reads (n, H) embeddings, got a prompt shaped {tuple(prompt.shape)}")
-        logits, cache = torch_prefill(self.decoder(), prompt)
-        target.load_state(state_blob(cache_layers(cache), target.kv_type, target.v_trans), prompt.shape[0] + reserve)
+        logits, cache = torch_prefill(self.module(), prompt)
+        blob = state_blob(cache_layers(cache), target.kv_type, target.v_trans, self.buffer)
+        if blob.base is not self.buffer:
+            self.buffer = blob
+        target.load_state(blob, prompt.shape[0] + reserve)
         return logits

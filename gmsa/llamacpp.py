@@ -75,9 +75,12 @@ def _forward_log(level: int, text: bytes, _user_data) -> None:
 class LlamaCppDecoder:
     """One GGUF decoder in llama.cpp: greedy ids from a prompt of embeddings ``(n, H)`` or token ids ``(n,)``.
 
-    ``extra_buffers`` lets llama.cpp repack the weights for its AMX and repacked-CPU kernels. Off by default:
-    on this project's Xeon (KVM guest, AMX_INT8) every batch of more than one position then crashes in
-    ``ggml_backend_amx_mul_mat`` (llama-cpp-python 0.3.36; ggml-org/llama.cpp#20824, machine-dependent, open).
+    ``extra_buffers`` lets llama.cpp repack the weights for its AMX and repacked-CPU kernels: its one-position
+    steps then run 1.5-1.7x faster here (q8_0: 15.8 against 24.1 ms at one thread, 8.7 against 14.6 at two, the
+    shipped decoder over 522 positions). But on this project's Xeon (KVM guest, AMX_INT8) every batch of more
+    than one position then crashes in ``ggml_backend_amx_mul_mat`` (llama-cpp-python 0.3.36;
+    ggml-org/llama.cpp#20824, machine-dependent, open), so such a decoder takes its prompt only as a handed-over
+    KV cache (:meth:`load_state`), never through :meth:`prefill`. Off by default.
     ``flash_attention``: off by default; ``None`` lets llama.cpp decide (on, on a CPU), which rounds the queries
     to f16 and made a step slower here (57 against 43 ms, the shipped decoder over 522 positions, one thread).
     """
@@ -96,6 +99,7 @@ class LlamaCppDecoder:
             raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
         self.llama = import_llama_cpp()
         self.path, self.n_threads, self.kv_type, self.flash_attention = Path(path), n_threads, kv_type, flash_attention
+        self.extra_buffers = extra_buffers
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF file at {self.path}")
         params = self.llama.llama_model_default_params()
@@ -155,6 +159,12 @@ class LlamaCppDecoder:
             raise ValueError(
                 f"a prompt is (n, {self.n_embd}) embeddings or (n,) token ids, n >= 1; got {tuple(prompt.shape)}"
             )
+        if self.extra_buffers and n > 1:
+            raise ValueError(
+                f"this llama.cpp decoder holds repacked (AMX) weights, whose batches of more than one position crash "
+                f"on some CPUs (llama.cpp#20824), so it does not read {n}-position prompts: hand it the KV cache of "
+                "gmsa's own prefill (prefill='torch', the default), or make it with extra_buffers=False"
+            )
         self._context(n + reserve)
         values = prompt.detach().cpu()
         values = values.to(torch.int32) if is_ids else values.to(torch.float32)
@@ -174,11 +184,15 @@ class LlamaCppDecoder:
             raise ValueError("the cache layout is known only with flash attention set on or off, not left to llama.cpp")
         return not self.flash_attention
 
-    def load_state(self, blob: bytes, n_positions: int) -> None:
-        """Clear the cache and load one sequence's state (``llama_state_seq_get_data``'s layout) into a context
-        holding at least ``n_positions``."""
+    def load_state(self, blob: bytes | np.ndarray, n_positions: int) -> None:
+        """Clear the cache and load one sequence's state (``llama_state_seq_get_data``'s layout; bytes, or a
+        ``uint8`` array read in place) into a context holding at least ``n_positions``."""
         context = self._context(n_positions)
-        buffer = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if isinstance(blob, np.ndarray):
+            blob = np.ascontiguousarray(blob, dtype=np.uint8)
+            buffer = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
+        else:
+            buffer = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
         if self.llama.llama_state_seq_set_data(context, buffer, len(blob), 0) != len(blob):
             raise RuntimeError(f"llama.cpp did not take the handed-over KV cache ({self.path.name}; see its log)")
 
@@ -253,7 +267,8 @@ class LlamaCppEngine(Engine):
 
     ``gguf`` is a file, or a function returning one per call (a GMSA's decoder changes with its active
     adapters: answering merges the KEFT LoRA, restating does not; see :func:`llamacpp_engine`).
-    Loaded decoders are kept per file.
+    Loaded decoders are kept per file. ``extra_buffers`` (:class:`LlamaCppDecoder`): ``None`` turns them on
+    when ``prefill`` reads the prompts (llama.cpp then only runs one-position steps, which they speed up).
     """
 
     name = "llamacpp"
@@ -265,17 +280,19 @@ class LlamaCppEngine(Engine):
         n_threads: int = 1,
         kv_type: str = "f16",
         prefill: TorchPrefill | None = None,
+        extra_buffers: bool | None = None,
     ):
         import_llama_cpp()  # fail early, with the install hint
         self.gguf, self.tokenizer, self.n_threads, self.kv_type = gguf, tokenizer, n_threads, kv_type
         self.prefill = prefill
+        self.extra_buffers = prefill is not None if extra_buffers is None else extra_buffers
         self.decoders: dict[Path, LlamaCppDecoder] = {}
 
     def decoder(self) -> LlamaCppDecoder:
         """The decoder of the current GGUF file (loaded on first use)."""
         path = Path(self.gguf() if callable(self.gguf) else self.gguf)
         if path not in self.decoders:
-            self.decoders[path] = LlamaCppDecoder(path, self.n_threads, self.kv_type)
+            self.decoders[path] = LlamaCppDecoder(path, self.n_threads, self.kv_type, extra_buffers=self.extra_buffers)
         return self.decoders[path]
 
     def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0, repeat_ngram=0):
@@ -297,16 +314,24 @@ def llamacpp_engine(
     gguf: str | os.PathLike | None = None,
     kv_type: str = "f16",
     prefill: str = "torch",
+    extra_buffers: bool | None = None,
+    compile_prefill: bool = False,
 ) -> LlamaCppEngine:
     """The llama.cpp engine for ``gmsa``: on ``gguf`` if given, else on :func:`gmsa.gguf_export.exported_gguf`
     of its decoder with the adapters active at each call (exported once per set, then cached).
 
     ``prefill="torch"`` (default): gmsa's own decoder (``GMSA.fast_decoder``, the adapters active at each
     call) reads the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes
-    the steps; ``"llamacpp"``: llama.cpp reads the prompt too (slower here: its AMX kernels are off)."""
+    the steps, on repacked (AMX) weights unless ``extra_buffers=False``; ``compile_prefill``: that prefill
+    through ``torch.compile`` (:class:`gmsa.kv_handoff.TorchPrefill`); ``"llamacpp"``: llama.cpp reads the
+    prompt too (slower here: its AMX kernels must stay off, see :class:`LlamaCppDecoder`)."""
     if prefill not in PREFILLS:
         raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     import_llama_cpp()  # before exporting
     source = gguf if gguf is not None else (lambda: exported_gguf(gmsa, weight_type))
-    handoff = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder)) if prefill == "torch" else None
-    return LlamaCppEngine(source, gmsa.tokenizer, n_threads, kv_type, handoff)
+    handoff = None
+    if prefill == "torch":
+        handoff = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), compile=compile_prefill)
+    elif compile_prefill:
+        raise ValueError("compile_prefill compiles gmsa's PyTorch prefill: it needs prefill='torch'")
+    return LlamaCppEngine(source, gmsa.tokenizer, n_threads, kv_type, handoff, extra_buffers)

@@ -44,8 +44,23 @@ def test_the_blob_has_llama_cpps_layout(kv_type, v_trans):
         start = header + cells + 8 + n_layer * k_part + 12
         first_values = np.frombuffer(blob, "<f4", n * kv_dim, start).reshape(kv_dim, n)
         assert np.array_equal(first_values, layers[0][1].transpose(1, 2).reshape(kv_dim, n).numpy())
+    buffer = np.full(len(blob) + 5, 7, dtype=np.uint8)  # a buffer large enough is written over, not reallocated
+    reused = state_blob(layers, kv_type, v_trans, buffer)
+    assert reused.base is buffer and bytes(reused) == bytes(blob)
+    assert state_blob(layers, kv_type, v_trans, buffer[:4]).base is None  # too small: a new array
     with pytest.raises(ValueError, match="kv_type must be one of"):
         state_blob(layers, "q8_0", v_trans)
+
+
+def test_a_compiled_prefill_wraps_the_current_decoder_without_changing_it(backbone_dir):
+    first, second = (AutoModelForCausalLM.from_pretrained(backbone_dir).eval() for _ in range(2))
+    current = [first]
+    prefill = TorchPrefill(lambda: current[0], compile=True)
+    wrapper = prefill.module()
+    assert wrapper is not first and wrapper._orig_mod is first and prefill.module() is wrapper  # made once
+    current[0] = second  # e.g. another adapter set: compiled anew
+    assert prefill.module()._orig_mod is second and type(first.forward).__name__ == "method"
+    assert TorchPrefill(lambda: first).module() is first  # not compiled by default
 
 
 def test_a_batched_cache_is_refused(backbone_dir):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gmsa.cli import build_parser, main
 from gmsa.engine_args import check_engine_args
 from gmsa.engine_base import EngineUnavailableError
-from gmsa.engines import HFEngine
+from gmsa.engines import HFEngine, engine_from_args
 from gmsa.gguf_export import write_gguf
 from gmsa.llamacpp import import_llama_cpp
 
@@ -37,6 +37,8 @@ def test_missing_llama_cpp_is_a_clear_error(monkeypatch, tiny_gmsa, tmp_path, ca
         (["--gguf-type", "f16"], "--gguf-type is for --engine llamacpp"),
         (["--engine-threads", "2"], "--engine-threads is for --engine llamacpp"),
         (["--engine-prefill", "torch"], "--engine-prefill is for --engine llamacpp"),
+        (["--engine-no-repack"], "--engine-no-repack is for --engine llamacpp"),
+        (["--engine-compile"], "--engine-compile is for --engine llamacpp"),
         (["--engine", "llamacpp", "--engine-url", "http://h:1"], "--engine-url is for --engine vllm"),
         (["--engine", "llamacpp", "--engine-threads", "0"], "--engine-threads must be >= 1"),
     ],
@@ -78,6 +80,17 @@ def test_llama_cpp_reads_embeddings_and_ids_as_torch_does(llama_cpp, f32_gguf):
     decoder.close()
 
 
+def test_a_decoder_on_repacked_weights_takes_steps_but_no_multi_position_prompt(llama_cpp, f32_gguf):
+    from gmsa.llamacpp import LlamaCppDecoder
+
+    model, path = f32_gguf
+    plain, repacked = LlamaCppDecoder(path, kv_type="f32"), LlamaCppDecoder(path, kv_type="f32", extra_buffers=True)
+    with pytest.raises(ValueError, match=r"llama.cpp#20824.*prefill='torch'"):
+        repacked.prefill(torch.tensor([5, 9, 2]))
+    assert np.allclose(repacked.prefill(torch.tensor([5])), plain.prefill(torch.tensor([5])), atol=1e-4)
+    assert np.allclose(repacked.step(9, 1), plain.step(9, 1), atol=1e-4)
+
+
 def test_the_engine_answers_as_gmsa_decoding(llama_cpp, backbone_dir, make_gmsa, tmp_path, monkeypatch):
     from gmsa.llamacpp import llamacpp_engine
 
@@ -93,12 +106,19 @@ def test_the_engine_answers_as_gmsa_decoding(llama_cpp, backbone_dir, make_gmsa,
     hf = HFEngine(gmsa.model.decoder, gmsa.tokenizer, batch_size=1)
     engine = llamacpp_engine(gmsa, "f32", kv_type="f32")  # the prompt read by gmsa's decoder, its cache handed over
     own_prefill = llamacpp_engine(gmsa, "f32", kv_type="f32", prefill="llamacpp")
+    assert engine.extra_buffers and not own_prefill.extra_buffers  # repacked weights only where llama.cpp only steps
     for penalty, limit, least in ((1.0, 8, 0), (1.3, 6, 3)):
         expected = hf.generate(rows, limit, penalty, least)
         assert engine.generate(rows, limit, penalty, least) == expected
         assert own_prefill.generate(rows, limit, penalty, least) == expected
     with pytest.raises(ValueError, match="prefill must be one of"):
         llamacpp_engine(gmsa, "f32", prefill="vllm")
+    with pytest.raises(ValueError, match="needs prefill='torch'"):
+        llamacpp_engine(gmsa, "f32", prefill="llamacpp", compile_prefill=True)
+    for flags, repacked, compiled in (([], True, False), (["--engine-no-repack", "--engine-compile"], False, True)):
+        args = build_parser().parse_args(["answer", "-q", "?", "--engine", "llamacpp", *flags])
+        made = engine_from_args(args, gmsa)
+        assert made.extra_buffers is repacked and made.prefill.compile is compiled
     expected = gmsa.generate(compressed, QUESTIONS, max_new_tokens=6), gmsa.reconstruct(compressed, max_new_tokens=9)
     gmsa.engine = engine
     assert (

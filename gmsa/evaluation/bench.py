@@ -59,7 +59,7 @@ class Subjects:
     reference: object | None = None  # an fp32 GMSA whose greedy answers the timed ones are compared with
     notes: dict = field(default_factory=dict)
     loop_dtype: str = ""  # also time the uncompressed prompt through gmsa's decoding, in this dtype
-    llamacpp: dict = field(default_factory=dict)  # "gmsa", "plain": their decoders in llama.cpp (--llamacpp)
+    llamacpp: dict = field(default_factory=dict)  # decoders in llama.cpp and torch prefills (--llamacpp)
 
     @property
     def llamacpp_type(self) -> str | None:
@@ -236,6 +236,8 @@ def add_llamacpp(subjects: Subjects, settings: BenchSettings, workdir: Path, log
         "threads": threads,
         "kv_cache": "f16",
         "gguf": subjects.llamacpp["gmsa"].path.name,
+        "extra_buffers": "on for the torch-prefill arms' steps (repacked/AMX weights), off where llama.cpp prefills",
+        "compile_prefill": settings.compile_prefill,
     }
     log(f"llama.cpp arms: llama-cpp-python {llama_cpp.__version__}, {settings.llamacpp} weights, {threads} threads")
 

@@ -7,12 +7,17 @@
   exported as a GGUF of the same type (:func:`gmsa.gguf_export.exported_gguf`), reads
   ``[soft tokens; question]`` as embeddings;
 * ``gmsa-{fresh,stored}-rR-torch+llamacpp-TYPE``: the same, but GMSA's own decoder (``GMSA.fast_decoder``) reads
-  the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes the steps.
+  the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes the steps on
+  repacked (AMX) weights;
+* ``uncompressed-torch+llamacpp-TYPE``: the uncompressed prompt the same way (the plain backbone in GMSA's
+  dtype through gmsa's decoding reads it, llama.cpp steps on the plain GGUF): the fastest uncompressed
+  pipeline the bench knows, reported beside the reference, not as it.
 
-Both decode ``new_tokens`` greedy tokens (EOS ignored, the bench's repetition penalty) in
+All decode ``new_tokens`` greedy tokens (EOS ignored, the bench's repetition penalty) in
 :class:`gmsa.llamacpp.LlamaCppDecoder`, with the bench's thread count. Their speed-ups are given
 against the bench's reference (plain transformers at its fastest dtype) like every arm, and the GMSA
-arms' also against ``uncompressed-llamacpp-TYPE`` (``speedup_vs_llamacpp``).
+arms' also against the uncompressed prompt through the same engine (``speedup_vs_llamacpp``:
+``uncompressed-llamacpp-TYPE``, or ``uncompressed-torch+llamacpp-TYPE`` for the torch-prefill arms).
 """
 
 from __future__ import annotations
@@ -34,19 +39,24 @@ LLAMACPP_LOOPS = ("llamacpp", "hybrid")  # the arms' decoding loops that run in 
 
 
 def llamacpp_decoders(gmsa, plain: torch.nn.Module, weight_type: str, threads: int, workdir: Path) -> dict:
-    """``{"gmsa": ..., "plain": ...}``: GMSA's decoder (answering's adapters) and the plain backbone in llama.cpp."""
+    """GMSA's decoder (answering's adapters) and the plain backbone in llama.cpp: ``"gmsa"``, ``"plain"``, and
+    ``"gmsa-steps"``, ``"plain-steps"`` on repacked (AMX) weights, for the arms whose prompt gmsa's torch prefill
+    reads (:class:`gmsa.llamacpp.LlamaCppDecoder`: faster steps, no multi-position batches)."""
     from ..backbone import DEFAULT_BACKBONE, default_gguf_path
 
     template = default_gguf_path() if str(gmsa.config.backbone) == DEFAULT_BACKBONE else None
     plain_path = write_gguf(plain, workdir / f"backbone.{weight_type}.gguf", gmsa.tokenizer, weight_type, template)
+    gmsa_path = exported_gguf(gmsa, weight_type)
     return {
-        "gmsa": LlamaCppDecoder(exported_gguf(gmsa, weight_type), threads),
+        "gmsa": LlamaCppDecoder(gmsa_path, threads),
+        "gmsa-steps": LlamaCppDecoder(gmsa_path, threads, extra_buffers=True),
         "plain": LlamaCppDecoder(plain_path, threads),
+        "plain-steps": LlamaCppDecoder(plain_path, threads, extra_buffers=True),
     }
 
 
 def llamacpp_arms(weight_type: str, rates: list[int]) -> list[Arm]:
-    arms = [Arm("uncompressed", dtype=weight_type, loop="llamacpp")]
+    arms = [Arm("uncompressed", dtype=weight_type, loop=loop) for loop in LLAMACPP_LOOPS]
     for rate in rates:
         for loop in LLAMACPP_LOOPS:
             arms += [Arm("gmsa", rate, mode, dtype=weight_type, loop=loop) for mode in ("fresh", "stored")]
@@ -103,29 +113,43 @@ def run_llamacpp_arm(
     gmsa, decoders = subjects.gmsa, subjects.llamacpp
     if arm.method == "uncompressed":
         ids = lambda: torch.tensor(gmsa.tokenize_contexts([text])[0] + gmsa.prompt_ids_for(question))  # noqa: E731
-        return measure_llamacpp(gmsa, ids, lambda x: x, "tokenize", decoders["plain"], n_new, penalty)
+        if arm.loop == "llamacpp":
+            return measure_llamacpp(gmsa, ids, lambda x: x, "tokenize", decoders["plain"], n_new, penalty)
+        plain = subjects.baselines[subjects.loop_dtype or next(iter(subjects.baselines))]
+        compiled = subjects.notes["llamacpp"].get("compile_prefill", False)
+        prefill = decoders.setdefault("plain-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(plain), compiled))
+        embed = lambda x: plain.get_input_embeddings()(x)  # noqa: E731
+        return measure_llamacpp(gmsa, ids, embed, "tokenize", decoders["plain-steps"], n_new, penalty, prefill)
 
     def build(compressed: Compressed) -> torch.Tensor:
         return gmsa.prompt_embeds(compressed, [question])[0]
 
-    prefill = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder)) if arm.loop == "hybrid" else None
+    prefill, decoder = None, decoders["gmsa"]
+    if arm.loop == "hybrid":
+        # one TorchPrefill for all runs, as an engine holds one (its state buffer is reused)
+        compiled = subjects.notes["llamacpp"].get("compile_prefill", False)
+        prefill = decoders.setdefault(
+            "gmsa-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), compiled)
+        )
+        decoder = decoders["gmsa-steps"]
     if arm.mode == "stored":
         load = lambda: Compressed.load(stored)  # noqa: E731
-        return measure_llamacpp(gmsa, load, build, "load", decoders["gmsa"], n_new, penalty, prefill)
+        return measure_llamacpp(gmsa, load, build, "load", decoder, n_new, penalty, prefill)
     compress = lambda: gmsa.compress(text, rate=arm.rate, batch_size=batch_size)  # noqa: E731
-    result = measure_llamacpp(gmsa, compress, build, "compress_other", decoders["gmsa"], n_new, penalty, prefill)
+    result = measure_llamacpp(gmsa, compress, build, "compress_other", decoder, n_new, penalty, prefill)
     if not stored.exists():
         result.compressed.save(stored)
     return result
 
 
 def add_llamacpp_ratios(rows: list[dict], runs: dict[Arm, list[Measurement]], arms: list[Arm]) -> None:
-    """GMSA's llama.cpp arms against the uncompressed prompt in llama.cpp (same weight type), per clock."""
-    bases = {arm.dtype: runs.get(arm) for arm in arms if arm.method == "uncompressed" and arm.loop == "llamacpp"}
+    """GMSA's llama.cpp arms against the uncompressed prompt through the same engine (llama.cpp alone, or torch
+    prefill + llama.cpp steps) and weight type, per clock."""
+    bases = {(a.loop, a.dtype): a for a in arms if a.method == "uncompressed" and a.loop in LLAMACPP_LOOPS}
     for row, arm in zip(rows, arms):
-        base = bases.get(arm.dtype)
-        if arm.method != "gmsa" or arm.loop not in LLAMACPP_LOOPS or not base or not runs.get(arm):
+        base = bases.get((arm.loop, arm.dtype))
+        if arm.method != "gmsa" or base is None or not runs.get(base) or not runs.get(arm):
             continue
         for clock in ("wall", "cpu"):
-            against = ratios([b.e2e[clock] for b in base], [m.e2e[clock] for m in runs[arm]])
-            row[clock]["speedup_vs_llamacpp"] = against | {"against": f"uncompressed-llamacpp-{arm.dtype}"}
+            against = ratios([b.e2e[clock] for b in runs[base]], [m.e2e[clock] for m in runs[arm]])
+            row[clock]["speedup_vs_llamacpp"] = against | {"against": base.name}

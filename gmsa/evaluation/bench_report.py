@@ -155,12 +155,13 @@ def markdown_report(results: dict) -> str:
     ]
     lines += ["", *_breakdown_table(results["rows"]), "", *_targets_table(results["targets_2k"])]
     llamacpp = llamacpp_lines(results["rows"])
-    lines += ["", "GMSA in llama.cpp against the uncompressed prompt in llama.cpp:", "", *llamacpp] if llamacpp else []
+    if llamacpp:
+        lines += ["", "GMSA in llama.cpp against the uncompressed prompt through the same engine:", "", *llamacpp]
     return "\n".join(lines) + "\n"
 
 
 def llamacpp_lines(rows: list[dict]) -> list[str]:
-    """GMSA's llama.cpp arms against the uncompressed prompt in llama.cpp (``gmsa bench --llamacpp``), a line each."""
+    """GMSA's llama.cpp arms against the uncompressed prompt through the same engine (``gmsa bench --llamacpp``)."""
     lines = []
     for row in rows:
         if row["status"] == "ok" and "speedup_vs_llamacpp" in row["cpu"]:

@@ -46,6 +46,11 @@ class BenchSettings:
         "type (needs llama-cpp-python)",
         choices=GGUF_TYPES,
     )
+    compile_prefill: bool = option(
+        False,
+        "torch.compile the PyTorch prefill of the torch+llamacpp arms (gmsa.kv_handoff.TorchPrefill; the compile "
+        "happens in the untimed warm-up)",
+    )
     check_fp32: bool = option(True, "skip comparing greedy answers with an fp32 GMSA", flag="--no-fp32-check")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     batch_size: int = option(8, "encoder windows per batch")

@@ -35,14 +35,14 @@ class Arm:
     mode: str = "-"  # "fresh" or "stored" for gmsa
     dtype: str = ""  # the uncompressed prompt runs in plain transformers, once per dtype
     # plain transformers generate ("hf", uncompressed only), gmsa's decoding ("gmsa"; GMSA's own arms say "hf"),
-    # or llama.cpp ("llamacpp": ``dtype`` is then the GGUF weight type; "hybrid", GMSA only: gmsa's decoder reads
-    # the prompt, llama.cpp decodes from its KV cache)
+    # or llama.cpp ("llamacpp": ``dtype`` is then the GGUF weight type; "hybrid": gmsa's decoder reads the prompt,
+    # llama.cpp decodes from its KV cache)
     loop: str = "hf"
 
     @property
     def name(self) -> str:
         if self.method == "uncompressed":
-            through = {"gmsa": "-gmsa-loop", "llamacpp": "-llamacpp"}.get(self.loop, "")
+            through = {"gmsa": "-gmsa-loop", "llamacpp": "-llamacpp", "hybrid": "-torch+llamacpp"}.get(self.loop, "")
             return f"uncompressed{through}-{self.dtype}" if self.dtype else f"uncompressed{through}"
         through = {"llamacpp": f"-llamacpp-{self.dtype}", "hybrid": f"-torch+llamacpp-{self.dtype}"}.get(self.loop, "")
         return f"gmsa-{self.mode}-r{self.rate}{through}"

@@ -208,13 +208,17 @@ def test_llamacpp_arms_are_timed_and_compared_with_both_references(checkpoint, p
     rows = {row["arm"]: row for row in results["rows"]}
     loops = ("llamacpp", "torch+llamacpp")
     gmsa_arms = [f"gmsa-{mode}-r4-{loop}-f16" for loop in loops for mode in ("fresh", "stored")]
-    assert {"uncompressed-llamacpp-f16", *gmsa_arms} <= set(rows)
+    assert {"uncompressed-llamacpp-f16", "uncompressed-torch+llamacpp-f16", *gmsa_arms} <= set(rows)
     for arm in gmsa_arms:
         row = rows[arm]
         assert row["status"] == "ok" and row["prompt_tokens"] == rows["gmsa-fresh-r4"]["prompt_tokens"]
         assert row["cpu"]["speedup_e2e"]["against"] == "uncompressed-float32"
-        assert row["cpu"]["speedup_vs_llamacpp"]["against"] == "uncompressed-llamacpp-f16"
+        against = "uncompressed-torch+llamacpp-f16" if "torch+" in arm else "uncompressed-llamacpp-f16"
+        assert row["cpu"]["speedup_vs_llamacpp"]["against"] == against
         assert "fp32_agreement" in row and row["cpu"]["decode_tokens_per_s"] > 0
+    plain = rows["uncompressed-torch+llamacpp-f16"]  # the uncompressed prompt: torch prefill, llama.cpp steps
+    assert plain["status"] == "ok" and plain["prompt_tokens"] == rows["uncompressed-float32"]["prompt_tokens"]
+    assert plain["fp32_agreement"]["identical"]  # the same greedy answer as plain transformers fp32
     assert "encoder" in rows["gmsa-fresh-r4-llamacpp-f16"]["cpu"]["phases_s"]
     assert rows["gmsa-fresh-r4-torch+llamacpp-f16"]["answer"] == rows["gmsa-fresh-r4"]["answer"]  # fp32: same answer
     assert results["environment"]["llamacpp"]["weight_type"] == "f16"
