@@ -16,8 +16,8 @@ once per decoding path:
 * ``torch+llama.cpp TYPE`` (``--hybrid TYPE ...``): the default path (bf16 merged + int8 steps) reads the
   prompt, its KV cache goes to llama.cpp (``gmsa.kv_handoff``), which decodes on the bf16 model's decoder
   exported as a GGUF of weight type TYPE (``--engine llamacpp``'s default prefill; its steps on repacked weights);
-* ``torch (compiled)+llama.cpp TYPE`` (``--hybrid-compiled TYPE ...``): the same with the encoder and the
-  prefill compiled (``GMSA.compile()``, ``--compile``).
+* ``torch (compiled)+llama.cpp TYPE`` (``--hybrid-compiled TYPE ...``): the same with the prefill compiled
+  (``--engine-compile``).
 
 ``--paths`` runs a subset (the reference ``fp32`` always runs).
 
@@ -158,9 +158,8 @@ def main() -> None:
             prefill = "torch" if name.startswith("torch") else "llamacpp"
             if prefill == "torch":  # the default path reads the prompt
                 gmsa.fast_decoder = FastDecoder(int8="on", merge=True)
-            if "(compiled)" in name:  # the encoder and the torch prefill (runs after the uncompiled paths)
-                gmsa.compile()
-            gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads, prefill=prefill)
+            compiled = "(compiled)" in name
+            gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads, prefill=prefill, compile_prefill=compiled)
         else:
             gmsa.fast_decoder = FastDecoder(int8=setting[2], merge=setting[1], int4=setting[3])
         found[name] = answers(gmsa, rows, args.new_tokens, args.batch_size)

@@ -94,20 +94,6 @@ class GMSA:
             self.fast_decoder.of(self.model.decoder)  # build the decoding copy now, not in the first answer
         return True
 
-    @property
-    def compiled(self) -> bool:
-        """Whether :meth:`compile` was called."""
-        return self.model.merged_encoder.compile
-
-    def compile(self) -> GMSA:
-        """Run the encoder and the llama.cpp engine's PyTorch prefill (:mod:`gmsa.kv_handoff`) through
-        ``torch.compile`` (dynamic shapes), which fuses their elementwise work: about 20 % faster compression
-        and prefills on this project's CPU, after a one-off compile of 20-50 s each on first use (a few more
-        seconds for a new batch shape). For long-lived processes (``gmsa serve``), not one-off commands.
-        Compile before making the engine. In-process decoding is not compiled. Returns ``self``."""
-        self.model.merged_encoder.compile = True
-        return self
-
     def _trained_params(self) -> list[torch.Tensor]:
         return [p for name, p in self.model.named_parameters() if "lora_" in name or name.startswith("lsa.")]
 

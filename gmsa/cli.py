@@ -23,7 +23,7 @@ from .cli_checks import (
     warn_few_soft_tokens,
 )
 from .cli_options import describe
-from .engine_args import add_compile_arg, add_engine_args
+from .engine_args import add_engine_args
 from .version import __version__
 
 # sub-commands registered by other modules (imported only when needed: some import torch)
@@ -88,8 +88,7 @@ def _quiet_libraries(verbose: bool) -> None:
 def _load(args: argparse.Namespace):
     from .api import GMSA
 
-    gmsa = GMSA.from_pretrained(args.model, backbone=args.backbone, dtype=getattr(args, "dtype", "auto"))
-    return gmsa.compile() if getattr(args, "compile", False) else gmsa
+    return GMSA.from_pretrained(args.model, backbone=args.backbone, dtype=getattr(args, "dtype", "auto"))
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
@@ -248,7 +247,6 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto", help="inference dtype (auto: bf16 where this CPU is faster)"
     )
-    add_compile_arg(parser)
 
 
 def _text_args(parser: argparse.ArgumentParser) -> None:

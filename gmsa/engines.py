@@ -224,7 +224,8 @@ def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
         threads = getattr(args, "engine_threads", None) or torch.get_num_threads()
         prefill = getattr(args, "engine_prefill", None) or "torch"
         repack = False if getattr(args, "engine_no_repack", None) else None  # None: repacked where llama.cpp only steps
-        return llamacpp_engine(gmsa, weight_type, threads, args.engine_model, prefill=prefill, extra_buffers=repack)
+        options = {"extra_buffers": repack, "compile_prefill": bool(getattr(args, "engine_compile", None))}
+        return llamacpp_engine(gmsa, weight_type, threads, args.engine_model, prefill=prefill, **options)
     if args.engine_url:
         engine = VLLMServerEngine(args.engine_url)
         check_export(gmsa, engine.model)

@@ -315,7 +315,7 @@ def llamacpp_engine(
     kv_type: str = "f16",
     prefill: str = "torch",
     extra_buffers: bool | None = None,
-    compile_prefill: bool | None = None,
+    compile_prefill: bool = False,
 ) -> LlamaCppEngine:
     """The llama.cpp engine for ``gmsa``: on ``gguf`` if given, else on :func:`gmsa.gguf_export.exported_gguf`
     of its decoder with the adapters active at each call (exported once per set, then cached).
@@ -323,16 +323,13 @@ def llamacpp_engine(
     ``prefill="torch"`` (default): gmsa's own decoder (``GMSA.fast_decoder``, the adapters active at each
     call) reads the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes
     the steps, on repacked (AMX) weights unless ``extra_buffers=False``; ``compile_prefill``: that prefill
-    through ``torch.compile`` (:class:`gmsa.kv_handoff.TorchPrefill`; ``None``: if ``gmsa.compile()`` was
-    called); ``"llamacpp"``: llama.cpp reads the
+    through ``torch.compile`` (:class:`gmsa.kv_handoff.TorchPrefill`); ``"llamacpp"``: llama.cpp reads the
     prompt too (slower here: its AMX kernels must stay off, see :class:`LlamaCppDecoder`)."""
     if prefill not in PREFILLS:
         raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     import_llama_cpp()  # before exporting
     source = gguf if gguf is not None else (lambda: exported_gguf(gmsa, weight_type))
     handoff = None
-    if compile_prefill is None:
-        compile_prefill = prefill == "torch" and getattr(gmsa, "compiled", False)
     if prefill == "torch":
         handoff = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), compile=compile_prefill)
     elif compile_prefill:

@@ -166,20 +166,17 @@ class MergedEncoder:
     (a training step, loaded weights, a move to another device or dtype).
 
     A plain object, not a module: the copy is no part of the model's parameters or state.
-    ``compile``: hand out the copy through ``torch.compile`` (dynamic shapes; see :meth:`gmsa.GMSA.compile`).
     """
 
     def __init__(self):
         self.copy: nn.Module | None = None
         self.lora_snapshot: list[torch.Tensor] = []
-        self.compile, self.compiled_as = False, False
 
     def of(self, encoder: nn.Module) -> nn.Module:
         lora = lora_tensors(encoder)
-        if self.copy is None or not same_tensors(lora, self.lora_snapshot) or self.compiled_as != self.compile:
-            copy = inference_copy(encoder)
-            self.copy = torch.compile(copy, dynamic=True) if self.compile else copy
-            self.lora_snapshot, self.compiled_as = [p.clone() for p in lora], self.compile
+        if self.copy is None or not same_tensors(lora, self.lora_snapshot):
+            self.copy = inference_copy(encoder)
+            self.lora_snapshot = [p.clone() for p in lora]
         return self.copy
 
 

@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import pytest
 import torch
@@ -193,17 +192,3 @@ def test_a_streamer_gets_each_answer_in_turn(tiny_gmsa, stream_recorder):
     recorder = stream_recorder()
     assert tiny_gmsa.reconstruct(compressed, streamer=recorder) == tiny_gmsa.reconstruct(compressed)
     assert recorder.ends == 2
-
-
-NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
-
-
-@pytest.mark.skipif(NO_CXX, reason="torch.compile needs a C++ compiler")
-def test_compile_runs_the_encoder_through_torch_compile_with_the_same_soft_tokens(tiny_gmsa):
-    eager = tiny_gmsa.compress(["The quick brown fox jumps over the lazy dog."], rate=2).soft_tokens[0]
-    assert not tiny_gmsa.compiled and not hasattr(tiny_gmsa.model.inference_encoder(), "_orig_mod")
-    assert tiny_gmsa.compile() is tiny_gmsa and tiny_gmsa.compiled
-    encoder = tiny_gmsa.model.inference_encoder()
-    assert hasattr(encoder, "_orig_mod") and tiny_gmsa.model.inference_encoder() is encoder  # compiled once
-    compiled = tiny_gmsa.compress(["The quick brown fox jumps over the lazy dog."], rate=2).soft_tokens[0]
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

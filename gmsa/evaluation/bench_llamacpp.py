@@ -116,7 +116,8 @@ def run_llamacpp_arm(
         if arm.loop == "llamacpp":
             return measure_llamacpp(gmsa, ids, lambda x: x, "tokenize", decoders["plain"], n_new, penalty)
         plain = subjects.baselines[subjects.loop_dtype or next(iter(subjects.baselines))]
-        prefill = decoders.setdefault("plain-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(plain), gmsa.compiled))
+        compiled = subjects.notes["llamacpp"].get("compile_prefill", False)
+        prefill = decoders.setdefault("plain-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(plain), compiled))
         embed = lambda x: plain.get_input_embeddings()(x)  # noqa: E731
         return measure_llamacpp(gmsa, ids, embed, "tokenize", decoders["plain-steps"], n_new, penalty, prefill)
 
@@ -126,8 +127,9 @@ def run_llamacpp_arm(
     prefill, decoder = None, decoders["gmsa"]
     if arm.loop == "hybrid":
         # one TorchPrefill for all runs, as an engine holds one (its state buffer is reused)
+        compiled = subjects.notes["llamacpp"].get("compile_prefill", False)
         prefill = decoders.setdefault(
-            "gmsa-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), gmsa.compiled)
+            "gmsa-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), compiled)
         )
         decoder = decoders["gmsa-steps"]
     if arm.mode == "stored":

@@ -46,9 +46,9 @@ class BenchSettings:
         "type (needs llama-cpp-python)",
         choices=GGUF_TYPES,
     )
-    compile: bool = option(
+    compile_prefill: bool = option(
         False,
-        "GMSA.compile(): torch.compile GMSA's encoder and the torch prefill of the torch+llamacpp arms (the compile "
+        "torch.compile the PyTorch prefill of the torch+llamacpp arms (gmsa.kv_handoff.TorchPrefill; the compile "
         "happens in the untimed warm-up)",
     )
     check_fp32: bool = option(True, "skip comparing greedy answers with an fp32 GMSA", flag="--no-fp32-check")

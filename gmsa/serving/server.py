@@ -22,7 +22,6 @@ from starlette.concurrency import run_in_threadpool
 
 from ..api import GMSA
 from ..cli_options import add_options, from_args
-from ..engine_args import add_compile_arg
 from ..engines import add_engine_args, engine_from_args
 from ..version import __version__
 from .guards import GuardMiddleware, install_error_handlers, require_api_key
@@ -215,7 +214,6 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="GMSA checkpoint directory (default: the shipped one)")
     p.add_argument("--backbone", default=None, help="load the backbone from this local directory instead")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    add_compile_arg(p)
     add_engine_args(p)
     add_options(p, ServeSettings)
     p.set_defaults(func=cmd_serve)
@@ -249,8 +247,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         gmsa = GMSA.from_pretrained(args.model, backbone=args.backbone)
-        if args.compile:
-            gmsa.compile()
         gmsa.engine = engine_from_args(args, gmsa)
         app = create_app(gmsa, store, settings, close_store=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
