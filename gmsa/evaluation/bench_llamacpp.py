@@ -106,6 +106,15 @@ def measure_llamacpp(
     )
 
 
+def held_prefill(subjects, name: str, decoder: Callable[[], torch.nn.Module]) -> TorchPrefill:
+    """The torch prefill ``name`` of ``subjects``, made on first use and kept for every later run, as an engine
+    holds one (its state buffer is reused); compiled if the bench was asked to (``--compile-prefill``)."""
+    if name not in subjects.llamacpp:
+        compiled = subjects.notes["llamacpp"].get("compile_prefill", False)
+        subjects.llamacpp[name] = TorchPrefill(decoder, compiled)
+    return subjects.llamacpp[name]
+
+
 def run_llamacpp_arm(
     subjects, arm: Arm, text: str, n_new: int, batch_size: int, stored: Path, penalty: float, question: str
 ):
@@ -116,8 +125,7 @@ def run_llamacpp_arm(
         if arm.loop == "llamacpp":
             return measure_llamacpp(gmsa, ids, lambda x: x, "tokenize", decoders["plain"], n_new, penalty)
         plain = subjects.baselines[subjects.loop_dtype or next(iter(subjects.baselines))]
-        compiled = subjects.notes["llamacpp"].get("compile_prefill", False)
-        prefill = decoders.setdefault("plain-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(plain), compiled))
+        prefill = held_prefill(subjects, "plain-prefill", lambda: gmsa.fast_decoder.of(plain))
         embed = lambda x: plain.get_input_embeddings()(x)  # noqa: E731
         return measure_llamacpp(gmsa, ids, embed, "tokenize", decoders["plain-steps"], n_new, penalty, prefill)
 
@@ -126,11 +134,7 @@ def run_llamacpp_arm(
 
     prefill, decoder = None, decoders["gmsa"]
     if arm.loop == "hybrid":
-        # one TorchPrefill for all runs, as an engine holds one (its state buffer is reused)
-        compiled = subjects.notes["llamacpp"].get("compile_prefill", False)
-        prefill = decoders.setdefault(
-            "gmsa-prefill", TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), compiled)
-        )
+        prefill = held_prefill(subjects, "gmsa-prefill", lambda: gmsa.fast_decoder.of(gmsa.model.decoder))
         decoder = decoders["gmsa-steps"]
     if arm.mode == "stored":
         load = lambda: Compressed.load(stored)  # noqa: E731
