@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .backbone import fingerprint, load_backbone
 from .checkpoint import check_backbone, load_trained, read_checkpoint, write_checkpoint
-from .chunking import check_window, length_sorted_batches, plan_windows, soft_tokens_to_drop
+from .chunking import CPU_BATCH_TOKENS, check_window, length_sorted_batches, plan_windows, soft_tokens_to_drop
 from .compressed import Compressed
 from .config import GMSAConfig
 from .decoding import greedy_texts, run_to_end
@@ -176,6 +176,7 @@ class GMSA:
         window: int | None = None,
         overlap: int | None = None,
         progress: bool = False,
+        max_batch_tokens: int | None = None,
     ) -> Generator[int, None, Compressed]:
         """Compress each text into ``ceil(n_tokens / rate)`` soft tokens, one encoder batch per step.
 
@@ -185,6 +186,8 @@ class GMSA:
         together in length-sorted batches of ``batch_size`` and each text's soft tokens are
         concatenated in order: ``sum_w ceil(new_w / rate)`` of them, which is ``ceil(n / rate)``
         when ``window - overlap`` is a multiple of the rate. ``progress``: a bar over the batches (several, on a tty).
+        ``max_batch_tokens`` caps a batch's padded tokens (default: :data:`gmsa.chunking.CPU_BATCH_TOKENS` on a
+        CPU, where long windows read faster one or two at a time; no cap on an accelerator).
 
         Yields the number of windows each batch encoded (for a server that interleaves requests;
         closing the generator stops the work) and returns the :class:`Compressed`.
@@ -200,7 +203,10 @@ class GMSA:
         windows = plan_windows([len(row) for row in ids], window, overlap)
         drops = [soft_tokens_to_drop(item, rate) for item in windows]
         rows = [ids[w.text][w.start : w.stop] for w in windows]
-        pieces = yield from self._compress_windows(rows, rate, batch_size, progress)
+        if max_batch_tokens is None and self.device.type == "cpu":
+            max_batch_tokens = CPU_BATCH_TOKENS
+        batches = length_sorted_batches([len(row) for row in rows], batch_size, max_batch_tokens)
+        pieces = yield from self._compress_windows(rows, rate, batches, progress)
         per_text: list[list[torch.Tensor]] = [[] for _ in texts]
         for item, drop, piece in zip(windows, drops, pieces):
             per_text[item.text].append(piece[drop:])
@@ -217,14 +223,13 @@ class GMSA:
     """Compress each text into ``ceil(n_tokens / rate)`` soft tokens: :meth:`compress_steps` run to its end."""
 
     def _compress_windows(
-        self, rows: list[list[int]], rate: int, batch_size: int, progress: bool = False
+        self, rows: list[list[int]], rate: int, batches: list[list[int]], progress: bool = False
     ) -> Generator[int, None, list[torch.Tensor]]:
-        """Soft tokens ``(ceil(len / rate), H)`` of each id list, batched by similar length (yields per batch).
+        """Soft tokens ``(ceil(len / rate), H)`` of each id list, read in ``batches`` of row indices (yields per batch).
 
         The returned tensors are views into the batch outputs; the caller copies (``torch.cat``).
         """
         pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-        batches = length_sorted_batches([len(row) for row in rows], batch_size)
         shown = progress and len(batches) > 1
         for batch in tqdm(batches, desc="compress", unit="batch", disable=None if shown else True, leave=False):
             context_ids, context_mask = pad([rows[i] for i in batch], self.tokenizer.pad_token_id)

@@ -95,16 +95,30 @@ def plan_windows(lengths: list[int], window: int, overlap: int = 0) -> list[Wind
     ]
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+CPU_BATCH_TOKENS = 4096  # padded tokens per encoder batch on a CPU (docs/speed.md, "Encoder batches on a CPU")
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Indices into ``lengths`` grouped into batches of similar length (longest first).
 
     Sorting before batching means each padded batch wastes little compute on padding;
-    the caller puts results back in their original order by index.
+    the caller puts results back in their original order by index. ``max_tokens`` caps a batch's
+    padded size (rows x its longest row; a longer row goes alone): on a CPU, batching many short
+    texts pays, but batching long windows is slower than reading them one after another.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        current = batches[-1] if batches else None
+        full = current is None or len(current) == batch_size
+        if full or (max_tokens is not None and (len(current) + 1) * lengths[current[0]] > max_tokens):
+            batches.append([index])
+        else:
+            current.append(index)
+    return batches
 
 
 def soft_tokens_to_drop(item: Window, rate: int) -> int:

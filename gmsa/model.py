@@ -31,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import GMSAConfig
-from .merge import build_merger
+from .merge import build_merger, causal_states
 
 
 def base_model(causal_lm: PreTrainedModel) -> nn.Module:
@@ -96,17 +96,17 @@ class LayerSemanticAlignment(nn.Module):
             if config.lsa_match_embedding_scale:
                 match_embedding_scale(self.blocks.norm, decoder.get_input_embeddings().weight)
 
-    def forward(self, merged: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(B, N, H)`` merged states and ``(B, N)`` mask -> ``(B, N, H)`` soft tokens."""
-        soft = self.align(merged, mask)
+    def forward(self, merged: torch.Tensor) -> torch.Tensor:
+        """``(B, N, H)`` right-padded merged states -> ``(B, N, H)`` soft tokens (padding slots: unread values)."""
+        soft = self.align(merged)
         return soft if self.log_gain is None else soft * self.log_gain.exp().to(soft.dtype)
 
-    def align(self, merged: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def align(self, merged: torch.Tensor) -> torch.Tensor:
         if self.linear is not None:
             return self.linear(merged)
         if self.blocks is None:
             return merged
-        return self.blocks(inputs_embeds=merged, attention_mask=mask).last_hidden_state
+        return causal_states(self.blocks, merged)
 
 
 def rms(tensor: torch.Tensor) -> torch.Tensor:
@@ -262,7 +262,7 @@ class GMSAModel(nn.Module):
         """
         encoder = self.encoder if encoder is None else encoder
         merged, merged_mask = self.merger(encoder, self.embed(input_ids), attention_mask, rates)
-        return self.lsa(merged, merged_mask), merged_mask
+        return self.lsa(merged), merged_mask
 
     def inference_encoder(self) -> nn.Module:
         """The encoder inference runs: in eval mode a copy with each LoRA merged into its layer (cached),

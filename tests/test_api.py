@@ -38,6 +38,15 @@ def test_batched_generation_equals_one_by_one(tiny_gmsa):
     assert tiny_gmsa.reconstruct(compressed, batch_size=3, max_new_tokens=8) == restated
 
 
+def test_batches_of_padded_windows_compress_as_each_text_alone(tiny_gmsa):
+    """Mixed lengths padded into one batch (no token cap) give each text's soft tokens as read alone."""
+    texts = [*TEXTS, f"{TEXTS[1]} {TEXTS[0]} {TEXTS[1]}", "Paris."]
+    together = tiny_gmsa.compress(texts, rate=2, batch_size=8, max_batch_tokens=10**6)
+    alone = tiny_gmsa.compress(texts, rate=2, batch_size=8, max_batch_tokens=1)  # every text its own batch
+    for a, b in zip(together.soft_tokens, alone.soft_tokens):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_one_context_many_questions(tiny_gmsa):
     compressed = tiny_gmsa.compress(TEXTS[0], rate=4)
     assert len(tiny_gmsa.generate(compressed, ["Who jumps?", "Over what?", "Which fox?"], max_new_tokens=3)) == 3

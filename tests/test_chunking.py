@@ -82,6 +82,20 @@ def test_batches_hold_every_index_once_sorted_by_length():
     assert flat == sorted(lengths, reverse=True)
 
 
+def test_a_token_cap_splits_long_rows_and_keeps_short_ones_together():
+    lengths = [2048, 300, 2048, 100, 2047, 120, 2048]
+    batches = length_sorted_batches(lengths, batch_size=8, max_tokens=4096)
+    assert [[lengths[i] for i in batch] for batch in batches] == [[2048, 2048], [2048, 2047], [300, 120, 100]]
+    assert length_sorted_batches([5000, 10], batch_size=8, max_tokens=4096) == [[0], [1]]  # too long: alone
+    assert length_sorted_batches(lengths, batch_size=8, max_tokens=None) == [[0, 2, 6, 4, 1, 5, 3]]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 2.5, True])
+def test_bad_token_cap_is_an_error(max_tokens):
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
+        length_sorted_batches([1, 2], 2, max_tokens)
+
+
 @pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
 def test_bad_batch_size_is_an_error(batch_size):
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):

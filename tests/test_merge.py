@@ -93,14 +93,15 @@ def test_rates_per_sample_expands_one_rate():
 
 # ----------------------------------------------------------------- strategies
 class Encoder(nn.Module):
-    """A stand-in encoder stack: its states are its input embeddings times ``scale``; it records its masks."""
+    """A stand-in encoder stack: its states are its input embeddings times ``scale``; it records its inputs."""
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
-        self.scale, self.masks = scale, []
+        self.scale, self.inputs = scale, []
 
-    def forward(self, inputs_embeds, attention_mask):
-        self.masks.append(attention_mask)
+    def forward(self, inputs_embeds, attention_mask=None):
+        assert attention_mask is None  # right-padded rows in a causal stack need none (causal_states)
+        self.inputs.append(inputs_embeds)
         return SimpleNamespace(last_hidden_state=inputs_embeds * self.scale)
 
 
@@ -141,7 +142,10 @@ def test_memory_tokens_read_the_context_then_the_table():
     # the stand-in encoder passes its inputs through, so the merged vectors are the table's first slots
     torch.testing.assert_close(merged[0], table.embeddings[:3])
     torch.testing.assert_close(merged[1, :1], table.embeddings[:1])
-    assert encoder.masks[0].sum(dim=1).tolist() == [5 + 3, 2 + 1]  # context + memory tokens attended
+    read = encoder.inputs[0]  # each row: its context, then its memory tokens, then padding (zeros)
+    torch.testing.assert_close(read[1, :2], embeds[1, :2])
+    torch.testing.assert_close(read[1, 2], table.embeddings[0])
+    assert read.shape[1] == 5 + 3 and not read[1, 3:].any()
 
 
 def test_memory_table_too_small_is_an_error():
