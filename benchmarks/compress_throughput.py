@@ -1,14 +1,15 @@
 """Compression throughput (context tokens per second) for batches of texts and long texts.
 
 ``GMSA.compress`` splits texts into encoder windows and encodes the windows of all texts of a
-call together, ``batch_size`` at a time (sorted by length). This times, in one process and with
-the cases interleaved (order alternating between repeats), each shape of input compressed with
-its windows one at a time (``batch_size=1``) and batched (``batch_size=8``), and prints tokens/s
-and the batched/one-at-a-time ratio, by wall clock and by this process's CPU time (the steadier one
-on a shared machine). The shipped checkpoint (``GMSA.from_pretrained()``; ``--model`` another one),
-in the inference dtype ``--dtype`` picks (default: auto).
+call together, ``batch_size`` at a time (sorted by length), each batch capped at ``max_batch_tokens``
+padded tokens (on a CPU by default :data:`gmsa.chunking.CPU_BATCH_TOKENS`). This times, in one process
+and with the runs interleaved (order alternating between repeats), each shape of input compressed
+three ways: windows one at a time (``batch_size=1``), batched (``batch_size=8``, the default cap) and
+batched without the cap (what ``compress`` did before session 11), and prints tokens/s and the ratios,
+by wall clock and by this process's CPU time (the steadier one on a shared machine). The shipped
+checkpoint (``GMSA.from_pretrained()``; ``--model`` another one), in the dtype ``--dtype`` picks (default: auto).
 
-    python benchmarks/compress_throughput.py --threads 1 --out reports/bench/compress-throughput-cpu.json
+    python benchmarks/compress_throughput.py --threads 2 --out reports/bench/compress-throughput-cpu.json
 """
 
 from __future__ import annotations
@@ -26,11 +27,19 @@ from gmsa import GMSA
 from gmsa.evaluation.passages import exact_length_text, read_passages
 from gmsa.precision import cpu_has_native_bf16, cpu_model
 
-CASES = {  # name: (number of texts, tokens per text)
-    "1 x 2048": (1, 2048),
-    "8 x 512": (8, 512),
-    "4 x 2048": (4, 2048),
-    "1 x 8192 (4 windows)": (1, 8192),
+CASES = {  # name: tokens of each text
+    "1 x 2048": [2048],
+    "8 x 512": [512] * 8,
+    "4 x 2048": [2048] * 4,
+    "1 x 8192 (4 windows)": [8192],
+    "1 x 8300 (5 windows)": [8300],
+    "3 texts: 3000, 5000, 2500": [3000, 5000, 2500],
+    "32 texts of 100-460": [100 + (37 * i) % 361 for i in range(32)],
+}
+MODES = {  # name: compress options
+    "one at a time": {"batch_size": 1},
+    "batched": {"batch_size": 8},
+    "batched, no cap": {"batch_size": 8, "max_batch_tokens": 10**9},
 }
 
 
@@ -52,43 +61,21 @@ def main() -> None:
 
 def measure(args: argparse.Namespace, gmsa: GMSA) -> None:
     passages, _ = read_passages(None)
-    texts = {n_tokens: exact_length_text(gmsa.tokenizer, passages, n_tokens)[0] for _, n_tokens in CASES.values()}
-    runs = [(case, batch) for case in CASES for batch in (1, 8)]
-    seconds: dict[str, list[float]] = {f"{case} | batch {batch}": [] for case, batch in runs}
+    lengths = sorted({n for sizes in CASES.values() for n in sizes})
+    texts = {n: exact_length_text(gmsa.tokenizer, passages, n)[0] for n in lengths}
+    runs = [(case, mode) for case in CASES for mode in MODES]
+    seconds: dict[str, list[float]] = {f"{case} | {mode}": [] for case, mode in runs}
     cpu_seconds: dict[str, list[float]] = {key: [] for key in seconds}
     gmsa.compress(texts[512], rate=args.rate)  # warm-up
     for repeat in range(args.repeats):
-        for case, batch in runs if repeat % 2 == 0 else runs[::-1]:
-            count, n_tokens = CASES[case]
-            key = f"{case} | batch {batch}"
+        for case, mode in runs if repeat % 2 == 0 else runs[::-1]:
+            key = f"{case} | {mode}"
             start, cpu_start = time.perf_counter(), time.process_time()
-            gmsa.compress([texts[n_tokens]] * count, rate=args.rate, batch_size=batch)
+            gmsa.compress([texts[n] for n in CASES[case]], rate=args.rate, **MODES[mode])
             seconds[key].append(time.perf_counter() - start)
             cpu_seconds[key].append(time.process_time() - cpu_start)
-            print(
-                f"[{repeat + 1}] {case:<22} batch {batch}: {seconds[key][-1]:.2f} s, {cpu_seconds[key][-1]:.2f} s CPU"
-            )
-    rows = []
-    for case, (count, n_tokens) in CASES.items():
-        one, batched = (statistics.median(seconds[f"{case} | batch {b}"]) for b in (1, 8))
-        cpu_one, cpu_batched = (statistics.median(cpu_seconds[f"{case} | batch {b}"]) for b in (1, 8))
-        tokens = count * n_tokens
-        rows.append(
-            {
-                "case": case,
-                "tokens": tokens,
-                "tokens_per_s_one_window_at_a_time": tokens / one,
-                "tokens_per_s_batched": tokens / batched,
-                "batched_speedup": one / batched,
-                "tokens_per_cpu_s_one_window_at_a_time": tokens / cpu_one,
-                "tokens_per_cpu_s_batched": tokens / cpu_batched,
-                "batched_speedup_cpu": cpu_one / cpu_batched,
-            }
-        )
-        print(
-            f"{case:<22} {tokens / one:8.0f} tok/s one at a time, {tokens / batched:8.0f} batched: {one / batched:.2f}x"
-            f" (per CPU second: {tokens / cpu_one:.0f}, {tokens / cpu_batched:.0f}: {cpu_one / cpu_batched:.2f}x)"
-        )
+            print(f"[{repeat + 1}] {key:<45} {seconds[key][-1]:.2f} s, {cpu_seconds[key][-1]:.2f} s CPU")
+    rows = [summary(case, seconds, cpu_seconds) for case in CASES]
     result = {
         "cpu_model": cpu_model(),
         "cpu_native_bf16": cpu_has_native_bf16(),
@@ -106,6 +93,23 @@ def measure(args: argparse.Namespace, gmsa: GMSA) -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def summary(case: str, seconds: dict[str, list[float]], cpu_seconds: dict[str, list[float]]) -> dict:
+    """One case's tokens/s per mode (wall and CPU medians) and the batched ratios; printed as a line."""
+    tokens = sum(CASES[case])
+    row: dict = {"case": case, "tokens": tokens}
+    for mode in MODES:
+        row[f"tokens_per_s {mode}"] = tokens / statistics.median(seconds[f"{case} | {mode}"])
+        row[f"tokens_per_cpu_s {mode}"] = tokens / statistics.median(cpu_seconds[f"{case} | {mode}"])
+    row["batched / one at a time"] = row["tokens_per_s batched"] / row["tokens_per_s one at a time"]
+    row["batched / batched, no cap"] = row["tokens_per_s batched"] / row["tokens_per_s batched, no cap"]
+    rates = ", ".join(f"{mode} {row[f'tokens_per_s {mode}']:.0f}" for mode in MODES)
+    print(
+        f"{case:<28} tok/s: {rates}; batched / one at a time {row['batched / one at a time']:.2f}x, "
+        f"/ no cap {row['batched / batched, no cap']:.2f}x"
+    )
+    return row
 
 
 if __name__ == "__main__":
