@@ -300,11 +300,15 @@ class GMSA:
         min_new_tokens: int = 0,
         **local,
     ) -> list[str]:
-        """Greedy texts; ``local``: ``repeat_ngram`` (passed to an engine too), ``streamer`` (in-process only)."""
+        """Greedy texts; ``local``: ``repeat_ngram`` and ``streamer`` (passed to an engine that streams)."""
         if self.engine is not None:
             rows = self._prompt_rows(compressed, prompts)
+            streams = getattr(self.engine, "streams", False)
+            options = {"streamer": local["streamer"]} if streams and "streamer" in local else {}
             repeat_ngram = local.get("repeat_ngram", 0)
-            return self.engine.generate(rows, max_new_tokens, repetition_penalty, min_new_tokens, repeat_ngram)
+            return self.engine.generate(
+                rows, max_new_tokens, repetition_penalty, min_new_tokens, repeat_ngram, **options
+            )
         packed = self.decoder_prompt(compressed, prompts)
         return greedy_texts(
             self.fast_decoder.of(self.model.decoder),
@@ -339,8 +343,9 @@ class GMSA:
 
         ``questions[i]`` is asked of context ``i``; a single compressed context is shared by
         all questions (compress once, ask many). With ``self.engine`` set (see :mod:`gmsa.engines`)
-        the decoding runs there, from :meth:`prompt_embeds`; otherwise in this process, where a
-        ``streamer`` (e.g. ``transformers.TextStreamer``) gets the answers' tokens one question at a time.
+        the decoding runs there, from :meth:`prompt_embeds`; otherwise in this process. A ``streamer``
+        (e.g. ``transformers.TextStreamer``) gets the answers' tokens one question at a time, in this
+        process or from an engine that streams (``engine.streams``: llama.cpp's does; vLLM's do not).
         """
         questions = _as_text_list(questions, "questions")
         compressed = self._paired(compressed, questions)
@@ -367,7 +372,7 @@ class GMSA:
 
         A restatement has at least one token and at most ``slack`` times its source's token
         count (+ 8), or ``max_new_tokens``; it stops once its last ``repeat_ngram`` tokens repeat
-        (0: never; the vLLM engines ignore it); a ``streamer`` (in-process decoding only) gets one text at a time.
+        (0: never; the vLLM engines ignore it); a ``streamer`` gets one text at a time (as in :meth:`generate`).
         A KEFT decoder LoRA is switched off meanwhile: restating is the AE stage's task.
         """
         if streamer is not None and self.engine is None:

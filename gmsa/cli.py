@@ -109,8 +109,8 @@ def _compressed_input(args: argparse.Namespace, gmsa):
     return compressed
 
 
-def _streaming(args: argparse.Namespace) -> bool:
-    return not (args.json or args.no_stream) and args.engine == "hf"
+def _streaming(args: argparse.Namespace, gmsa) -> bool:
+    return not (args.json or args.no_stream) and (gmsa.engine is None or getattr(gmsa.engine, "streams", False))
 
 
 def _streamer(tokenizer):
@@ -158,7 +158,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     gmsa = _load(args)
     compressed = _compressed_input(args, gmsa)
     _with_engine(args, gmsa)
-    streamer = _streamer(gmsa.tokenizer) if _streaming(args) else None
+    streamer = _streamer(gmsa.tokenizer) if _streaming(args, gmsa) else None
     answers = gmsa.generate(
         compressed,
         args.question,
@@ -176,7 +176,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     compressed = _compressed_input(args, gmsa)
     _with_engine(args, gmsa)
     options = {"max_new_tokens": args.max_new_tokens, "repeat_ngram": args.repeat_ngram}
-    if not _streaming(args):
+    if not _streaming(args, gmsa):
         texts = gmsa.reconstruct(compressed, **options)
         _emit(args, {"reconstructions": texts}, "\n\n".join(texts))
         return 0

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-ENGINES = ("hf", "vllm", "llamacpp")
+ENGINES = ("auto", "hf", "vllm", "llamacpp")
 GGUF_TYPES = ("q8_0", "f16", "bf16", "f32")  # gmsa.gguf_export.WEIGHT_TYPES, named here without importing it
 PREFILLS = ("torch", "llamacpp")  # gmsa.llamacpp.PREFILLS
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     """``--engine``, ``--engine-url``, ``--engine-model``, ``--gguf-type``, ``--engine-threads``, ``--engine-prefill``,
     ``--engine-compile``, ``--engine-no-repack`` (shared by ``gmsa answer`` and ``gmsa serve``)."""
-    parser.add_argument("--engine", choices=ENGINES, default="hf", help="where the decoder runs")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=default,
+        help=f"where the decoder runs (default {default}; auto: llamacpp where llama-cpp-python is installed and the "
+        "model is on the CPU, the fastest path there, else hf)",
+    )
     parser.add_argument("--engine-url", default=None, help="a `vllm serve --enable-prompt-embeds` server (vllm)")
     parser.add_argument(
         "--engine-model",

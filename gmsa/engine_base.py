@@ -38,6 +38,7 @@ class Engine(ABC):
     """Greedy text from prompt embeddings (one ``(n_i, H)`` tensor per request)."""
 
     name = "engine"
+    streams = False  # whether :meth:`generate` takes a ``streamer`` (``transformers.TextStreamer``'s put/end)
 
     @abstractmethod
     def generate(

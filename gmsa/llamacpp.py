@@ -216,10 +216,12 @@ class LlamaCppDecoder:
         repeat_ngram: int = 0,
         on_prefill: Callable[[], None] | None = None,
         prefill: TorchPrefill | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> list[int]:
         """Greedy ids after ``prompt`` (EOS included when it ends the answer; ``eos_token_id=None``: never ends
-        early). ``on_prefill`` is called once the prompt is read (a benchmark's clock). ``prefill``: the prompt
-        is read there and its KV cache handed over (:class:`gmsa.kv_handoff.TorchPrefill`), else by llama.cpp."""
+        early). ``on_prefill`` is called once the prompt is read (a benchmark's clock), ``on_token`` with each
+        id as it is chosen (streaming). ``prefill``: the prompt is read there and its KV cache handed over
+        (:class:`gmsa.kv_handoff.TorchPrefill`), else by llama.cpp."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         if prefill is None:
@@ -236,6 +238,8 @@ class LlamaCppDecoder:
             if eos_token_id is not None and index < min_new_tokens:
                 scores[eos_token_id] = -torch.inf
             token = int(scores.argmax())
+            if on_token is not None:
+                on_token(token)
             generated = torch.cat([generated, torch.tensor([[token]])], dim=1)
             ended = token == eos_token_id or bool(loops.update(generated, running)[0])
             if ended or index == max_new_tokens - 1:
@@ -272,6 +276,7 @@ class LlamaCppEngine(Engine):
     """
 
     name = "llamacpp"
+    streams = True
 
     def __init__(
         self,
@@ -295,14 +300,20 @@ class LlamaCppEngine(Engine):
             self.decoders[path] = LlamaCppDecoder(path, self.n_threads, self.kv_type, extra_buffers=self.extra_buffers)
         return self.decoders[path]
 
-    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0, repeat_ngram=0):
+    def generate(
+        self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0, repeat_ngram=0, streamer=None
+    ):
+        """As :meth:`gmsa.engine_base.Engine.generate`; a ``streamer`` gets each answer's ids as they are chosen
+        (``put``) and ``end()`` after each answer, as gmsa's own decoding streams one question at a time."""
         decoder = self.decoder()
         texts = []
+        on_token = None if streamer is None else (lambda token: streamer.put(torch.tensor([token])))
         for row, limit in zip(prompt_embeds, per_prompt_limits(max_new_tokens, len(prompt_embeds))):
             eos = self.tokenizer.eos_token_id
-            ids = decoder.greedy_ids(
-                row, limit, repetition_penalty, eos, min_new_tokens, repeat_ngram, prefill=self.prefill
-            )
+            options = {"prefill": self.prefill, "on_token": on_token}
+            ids = decoder.greedy_ids(row, limit, repetition_penalty, eos, min_new_tokens, repeat_ngram, **options)
+            if streamer is not None:
+                streamer.end()
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts
 

@@ -18,6 +18,7 @@ from gmsa.engines import (
     EngineUnavailableError,
     HFEngine,
     VLLMServerEngine,
+    engine_from_args,
     export_decoder,
     exported_decoder,
     import_vllm,
@@ -148,7 +149,9 @@ def test_cli_answer_with_the_vllm_engine(tiny_gmsa, fake_vllm, tmp_path, capsys)
 
 def test_engine_options_parse():
     parser = build_parser()
-    assert parser.parse_args(["answer", "-q", "?"]).engine == "hf"
+    assert parser.parse_args(["answer", "-q", "?"]).engine == "auto"
+    assert parser.parse_args(["reconstruct"]).engine == "auto"
+    assert parser.parse_args(["serve"]).engine == "hf"  # the server batches requests and streams in-process
     args = parser.parse_args(["answer", "-q", "?", "--engine", "vllm", "--engine-url", "http://h:1"])
     assert (args.engine, args.engine_url, args.engine_model) == ("vllm", "http://h:1", None)
     assert parser.parse_args(["reconstruct", "--engine", "vllm"]).engine == "vllm"
@@ -199,3 +202,54 @@ def test_a_served_export_of_another_checkpoint_is_refused(tiny_gmsa, tmp_path):
     tiny_gmsa.checkpoint_id = "another"
     with pytest.raises(EngineUnavailableError, match="export the decoder again"):
         check_export(tiny_gmsa, tmp_path / "d")
+
+
+# ----------------------------------------------------------------- --engine auto
+def _auto_args():
+    return build_parser().parse_args(["answer", "-q", "?"])
+
+
+def test_auto_decodes_in_process_without_llama_cpp(tiny_gmsa, monkeypatch, caplog):
+    monkeypatch.setattr("gmsa.engines.importlib.util.find_spec", lambda name: None)
+    with caplog.at_level("INFO", logger="gmsa.engines"):
+        assert engine_from_args(_auto_args(), tiny_gmsa) is None
+    assert "engine: hf" in caplog.text
+
+
+def test_auto_picks_llama_cpp_where_it_is_installed(tiny_gmsa, monkeypatch, caplog):
+    import gmsa.llamacpp
+
+    made = []
+    monkeypatch.setattr("gmsa.engines.importlib.util.find_spec", lambda name: object())
+    monkeypatch.setattr(gmsa.llamacpp, "llamacpp_engine", lambda g, **kw: made.append((g, kw)) or "engine")
+    with caplog.at_level("INFO", logger="gmsa.engines"):
+        assert engine_from_args(_auto_args(), tiny_gmsa) == "engine"
+    assert made == [(tiny_gmsa, {"n_threads": torch.get_num_threads()})] and "engine: llamacpp" in caplog.text
+
+    def unusable(g, **kw):
+        raise EngineUnavailableError("its library does not load")
+
+    monkeypatch.setattr(gmsa.llamacpp, "llamacpp_engine", unusable)
+    with caplog.at_level("WARNING", logger="gmsa.engines"):
+        assert engine_from_args(_auto_args(), tiny_gmsa) is None
+    assert "unusable: its library does not load" in caplog.text
+
+
+class RecordingEngine(HFEngine):
+    """The in-process engine, declaring that it streams: records the streamer it is given."""
+
+    streams = True
+
+    def generate(self, prompt_embeds, max_new_tokens, repetition_penalty=1.0, min_new_tokens=0, repeat_ngram=0, **kw):
+        self.given = kw.get("streamer")
+        return super().generate(prompt_embeds, max_new_tokens, repetition_penalty, min_new_tokens, repeat_ngram)
+
+
+def test_a_streamer_reaches_only_an_engine_that_streams(tiny_gmsa):
+    compressed, streamer = tiny_gmsa.compress(TEXTS[0], rate=2), object()
+    tiny_gmsa.engine = RecordingEngine(tiny_gmsa.model.decoder, tiny_gmsa.tokenizer)
+    tiny_gmsa.generate(compressed, "Who?", max_new_tokens=2, streamer=streamer)
+    assert tiny_gmsa.engine.given is streamer
+    tiny_gmsa.engine.streams = False
+    tiny_gmsa.generate(compressed, "Who?", max_new_tokens=2, streamer=streamer)
+    assert tiny_gmsa.engine.given is None

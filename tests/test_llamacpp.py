@@ -50,6 +50,20 @@ def test_engine_options_that_do_not_fit_are_refused(argv, message):
 
 
 # ----------------------------------------------------------------- with llama.cpp
+class StreamRecorder:
+    """A streamer (``put`` ids, ``end`` after each text) that keeps each text's ids."""
+
+    def __init__(self):
+        self.texts, self.current = [], []
+
+    def put(self, ids):
+        self.current += ids.tolist()
+
+    def end(self):
+        self.texts.append(self.current)
+        self.current = []
+
+
 @pytest.fixture
 def llama_cpp():
     return pytest.importorskip("llama_cpp")
@@ -120,7 +134,10 @@ def test_the_engine_answers_as_gmsa_decoding(llama_cpp, backbone_dir, make_gmsa,
         made = engine_from_args(args, gmsa)
         assert made.extra_buffers is repacked and made.prefill.compile is compiled
     expected = gmsa.generate(compressed, QUESTIONS, max_new_tokens=6), gmsa.reconstruct(compressed, max_new_tokens=9)
+    streamed = StreamRecorder()
     gmsa.engine = engine
+    assert gmsa.generate(compressed, QUESTIONS, max_new_tokens=6, streamer=streamed) == expected[0]
+    assert [gmsa.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in streamed.texts] == expected[0]
     assert (
         gmsa.generate(compressed, QUESTIONS, max_new_tokens=6),
         gmsa.reconstruct(compressed, max_new_tokens=9),

@@ -214,7 +214,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="GMSA checkpoint directory (default: the shipped one)")
     p.add_argument("--backbone", default=None, help="load the backbone from this local directory instead")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    add_engine_args(p)
+    add_engine_args(p, default="hf")  # in-process: batches requests together and streams tokens
     add_options(p, ServeSettings)
     p.set_defaults(func=cmd_serve)
 
