@@ -147,6 +147,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_name(gmsa) -> str:
+    """Where the decoder ran (``--engine auto`` picks one: the JSON output says which)."""
+    return getattr(gmsa.engine, "name", "hf")
+
+
 def _with_engine(args: argparse.Namespace, gmsa):
     from .engines import engine_from_args
 
@@ -167,7 +172,8 @@ def cmd_answer(args: argparse.Namespace) -> int:
         streamer=streamer,
     )
     if streamer is None:
-        _emit(args, {"questions": args.question, "answers": answers}, "\n".join(answers))
+        payload = {"questions": args.question, "answers": answers, "engine": _engine_name(gmsa)}
+        _emit(args, payload, "\n".join(answers))
     return 0
 
 
@@ -178,7 +184,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     options = {"max_new_tokens": args.max_new_tokens, "repeat_ngram": args.repeat_ngram}
     if not _streaming(args, gmsa):
         texts = gmsa.reconstruct(compressed, **options)
-        _emit(args, {"reconstructions": texts}, "\n\n".join(texts))
+        _emit(args, {"reconstructions": texts, "engine": _engine_name(gmsa)}, "\n\n".join(texts))
         return 0
     streamer = _streamer(gmsa.tokenizer)
     for i in range(len(compressed)):

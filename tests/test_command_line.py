@@ -7,6 +7,7 @@ errors must come before torch (let alone the model) is loaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -147,8 +148,10 @@ def test_compress_then_answer_and_reconstruct_as_a_user_would(work, checkpoint):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3  # two answers (streamed, one a line), then the wrapper's line
     result = gmsa("reconstruct", "--model", "ckpt", "--context", "ctx.safetensors", "--json", cwd=work)
-    restated = json.loads(result.stdout.rsplit("torch:", 1)[0])["reconstructions"]
+    output = json.loads(result.stdout.rsplit("torch:", 1)[0])
+    restated = output["reconstructions"]
     assert result.returncode == 0 and len(restated) == 1 and restated[0].strip()
+    assert output["engine"] == ("llamacpp" if importlib.util.find_spec("llama_cpp") else "hf")  # --engine auto
 
 
 def test_a_rate_that_leaves_one_soft_token_warns(work, checkpoint):
