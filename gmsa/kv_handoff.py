@@ -100,8 +100,8 @@ def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
 def torch_prefill(decoder: torch.nn.Module, embeds: torch.Tensor) -> tuple[np.ndarray, DynamicCache]:
     """``decoder`` over one ``(n, H)`` prompt at positions ``0..n-1``: the last position's logits and the cache."""
     cache = DynamicCache(config=decoder.config)
-    output = decoder(
-        inputs_embeds=embeds[None].to(decoder.dtype),
+    output = decoder(  # a copy, not a view: a compiled decoder guards on a view's base and would recompile
+        inputs_embeds=embeds[None].to(decoder.dtype, copy=True),
         position_ids=torch.arange(embeds.shape[0], device=embeds.device)[None],
         past_key_values=cache,
         use_cache=True,
