@@ -95,7 +95,7 @@ def plan_windows(lengths: list[int], window: int, overlap: int = 0) -> list[Wind
     ]
 
 
-CPU_BATCH_TOKENS = 4096  # padded tokens per encoder batch on a CPU (docs/speed.md, "Encoder batches on a CPU")
+CPU_BATCH_TOKENS = 4096  # padded tokens per encoder batch on a CPU (docs/speed.md, "Compression throughput")
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
