@@ -7,6 +7,7 @@ import argparse
 ENGINES = ("auto", "hf", "vllm", "llamacpp")
 GGUF_TYPES = ("q8_0", "f16", "bf16", "f32")  # gmsa.gguf_export.WEIGHT_TYPES, named here without importing it
 PREFILLS = ("torch", "llamacpp")  # gmsa.llamacpp.PREFILLS
+COMPILE_SETTINGS = ("on", "off")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -39,11 +40,12 @@ def add_engine_args(parser: argparse.ArgumentParser, default: str = "auto") -> N
     )
     parser.add_argument(
         "--engine-compile",
-        action="store_const",
-        const=True,
+        nargs="?",
+        const="on",
+        choices=COMPILE_SETTINGS,
         default=None,
-        help="torch.compile gmsa's prefill (llamacpp with the torch prefill; a one-off 25-50 s compile, then "
-        "~20 %% faster prefills: for servers)",
+        help="gmsa's prefill compiled ahead of time (llamacpp with the torch prefill; default on: built once per "
+        "decoder shape and machine, about a minute, then loaded from the cache; ~18 %% faster prefills)",
     )
     parser.add_argument(
         "--engine-no-repack",
@@ -58,8 +60,9 @@ def add_engine_args(parser: argparse.ArgumentParser, default: str = "auto") -> N
 def check_engine_args(args: argparse.Namespace) -> None:
     """A ValueError for an engine option that the chosen ``--engine`` does not take."""
     takes = {"engine_url": ("vllm",), "engine_model": ("vllm", "llamacpp"), "gguf_type": ("llamacpp",)}
-    for option in ("engine_threads", "engine_prefill", "engine_no_repack", "engine_compile"):
+    for option in ("engine_threads", "engine_prefill", "engine_no_repack"):
         takes[option] = ("llamacpp",)
+    takes["engine_compile"] = ("llamacpp", "auto")  # auto picks llama.cpp where it can
     for option, engines in takes.items():
         if getattr(args, option, None) is not None and args.engine not in engines:
             flag = "--" + option.replace("_", "-")

@@ -218,8 +218,9 @@ def check_export(gmsa: GMSALike, model_dir: str | Path) -> None:
 # --------------------------------------------------------------------- command line
 def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
     """The engine the options ask for; ``None`` for ``hf`` (gmsa decodes in this process)."""
+    compile_prefill = {"on": True, "off": False}.get(getattr(args, "engine_compile", None))  # None: where it applies
     if args.engine == "auto":
-        return auto_engine(gmsa)
+        return auto_engine(gmsa, compile_prefill is not False)
     if args.engine == "hf":
         return None
     if args.engine == "llamacpp":
@@ -229,7 +230,7 @@ def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
         threads = getattr(args, "engine_threads", None) or torch.get_num_threads()
         prefill = getattr(args, "engine_prefill", None) or "torch"
         repack = False if getattr(args, "engine_no_repack", None) else None  # None: repacked where llama.cpp only steps
-        options = {"extra_buffers": repack, "compile_prefill": bool(getattr(args, "engine_compile", None))}
+        options = {"extra_buffers": repack, "compile_prefill": compile_prefill}
         return llamacpp_engine(gmsa, weight_type, threads, args.engine_model, prefill=prefill, **options)
     if args.engine_url:
         engine = VLLMServerEngine(args.engine_url)
@@ -240,8 +241,9 @@ def engine_from_args(args: argparse.Namespace, gmsa: GMSALike) -> Engine | None:
     return VLLMEngine(exported_decoder(gmsa, args.engine_model), dtype=dtype)
 
 
-def auto_engine(gmsa: GMSALike) -> Engine | None:
-    """``--engine auto``: llama.cpp (torch prefill, repacked q8_0 steps, torch's thread count) where
+def auto_engine(gmsa: GMSALike, compile_prefill: bool = True) -> Engine | None:
+    """``--engine auto``: llama.cpp (torch prefill, compiled unless ``compile_prefill`` is false, repacked q8_0
+    steps, torch's thread count) where
     llama-cpp-python is installed and the decoder is on the CPU (1.7-2x faster end to end there,
     docs/speed.md), else ``None`` (gmsa decodes in this process). The choice is logged."""
     device = next(gmsa.model.decoder.parameters()).device
@@ -251,7 +253,7 @@ def auto_engine(gmsa: GMSALike) -> Engine | None:
     from .llamacpp import llamacpp_engine
 
     try:
-        engine = llamacpp_engine(gmsa, n_threads=torch.get_num_threads())
+        engine = llamacpp_engine(gmsa, n_threads=torch.get_num_threads(), compile_prefill=compile_prefill)
     except EngineUnavailableError as err:
         log.warning("engine: hf (llama-cpp-python is installed but unusable: %s)", err)
         return None

@@ -326,15 +326,16 @@ def llamacpp_engine(
     kv_type: str = "f16",
     prefill: str = "torch",
     extra_buffers: bool | None = None,
-    compile_prefill: bool = False,
+    compile_prefill: bool | None = None,
 ) -> LlamaCppEngine:
     """The llama.cpp engine for ``gmsa``: on ``gguf`` if given, else on :func:`gmsa.gguf_export.exported_gguf`
     of its decoder with the adapters active at each call (exported once per set, then cached).
 
     ``prefill="torch"`` (default): gmsa's own decoder (``GMSA.fast_decoder``, the adapters active at each
     call) reads the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes
-    the steps, on repacked (AMX) weights unless ``extra_buffers=False``; ``compile_prefill``: that prefill
-    through ``torch.compile`` (:class:`gmsa.kv_handoff.TorchPrefill`); ``"llamacpp"``: llama.cpp reads the
+    the steps, on repacked (AMX) weights unless ``extra_buffers=False``; that prefill is compiled ahead of time
+    (:class:`gmsa.aot_prefill.CompiledPrefill`, built once per decoder shape and machine) unless
+    ``compile_prefill=False`` (``None``: wherever the prefill is gmsa's); ``"llamacpp"``: llama.cpp reads the
     prompt too (slower here: its AMX kernels must stay off, see :class:`LlamaCppDecoder`)."""
     if prefill not in PREFILLS:
         raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
@@ -342,7 +343,7 @@ def llamacpp_engine(
     source = gguf if gguf is not None else (lambda: exported_gguf(gmsa, weight_type))
     handoff = None
     if prefill == "torch":
-        handoff = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), compile=compile_prefill)
+        handoff = TorchPrefill(lambda: gmsa.fast_decoder.of(gmsa.model.decoder), compile=compile_prefill is not False)
     elif compile_prefill:
         raise ValueError("compile_prefill compiles gmsa's PyTorch prefill: it needs prefill='torch'")
     return LlamaCppEngine(source, gmsa.tokenizer, n_threads, kv_type, handoff, extra_buffers)

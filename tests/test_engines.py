@@ -205,8 +205,8 @@ def test_a_served_export_of_another_checkpoint_is_refused(tiny_gmsa, tmp_path):
 
 
 # ----------------------------------------------------------------- --engine auto
-def _auto_args():
-    return build_parser().parse_args(["answer", "-q", "?"])
+def _auto_args(*flags: str):
+    return build_parser().parse_args(["answer", "-q", "?", *flags])
 
 
 def test_auto_decodes_in_process_without_llama_cpp(tiny_gmsa, monkeypatch, caplog):
@@ -224,7 +224,10 @@ def test_auto_picks_llama_cpp_where_it_is_installed(tiny_gmsa, monkeypatch, capl
     monkeypatch.setattr(gmsa.llamacpp, "llamacpp_engine", lambda g, **kw: made.append((g, kw)) or "engine")
     with caplog.at_level("INFO", logger="gmsa.engines"):
         assert engine_from_args(_auto_args(), tiny_gmsa) == "engine"
-    assert made == [(tiny_gmsa, {"n_threads": torch.get_num_threads()})] and "engine: llamacpp" in caplog.text
+    threads = torch.get_num_threads()
+    assert made == [(tiny_gmsa, {"n_threads": threads, "compile_prefill": True})] and "engine: llamacpp" in caplog.text
+    engine_from_args(_auto_args("--engine-compile", "off"), tiny_gmsa)  # the compiled prefill is the default, not forced
+    assert made[-1] == (tiny_gmsa, {"n_threads": threads, "compile_prefill": False})
 
     def unusable(g, **kw):
         raise EngineUnavailableError("its library does not load")

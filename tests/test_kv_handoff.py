@@ -52,35 +52,6 @@ def test_the_blob_has_llama_cpps_layout(kv_type, v_trans):
         state_blob(layers, "q8_0", v_trans)
 
 
-def test_a_compiled_prefill_wraps_the_current_decoder_without_changing_it(backbone_dir):
-    first, second = (AutoModelForCausalLM.from_pretrained(backbone_dir).eval() for _ in range(2))
-    current = [first]
-    prefill = TorchPrefill(lambda: current[0], compile=True)
-    wrapper = prefill.module()
-    assert wrapper is not first and wrapper._orig_mod is first and prefill.module() is wrapper  # made once
-    current[0] = second  # e.g. another adapter set: compiled anew
-    assert prefill.module()._orig_mod is second and type(first.forward).__name__ == "method"
-    assert TorchPrefill(lambda: first).module() is first  # not compiled by default
-
-
-def test_a_compiled_prefill_compiles_once_for_every_prompt(backbone_dir, monkeypatch):
-    """Prompts of other lengths, views into larger tensors and fp32 rows reuse one graph (a view passed straight
-    through made dynamo guard on its base's size and recompile: 20-45 s a time for the real decoder)."""
-    from torch._dynamo.testing import CompileCounter
-
-    counter, real_compile = CompileCounter(), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module, **options: real_compile(module, backend=counter, **options))
-    torch._dynamo.reset()
-    decoder = AutoModelForCausalLM.from_pretrained(backbone_dir).eval()
-    prefill = TorchPrefill(lambda: decoder, compile=True)
-    rows = torch.randn(40, decoder.config.hidden_size)
-    expected = torch_prefill(decoder, rows[:17])[0]
-    for prompt in (rows, rows[:17], rows[:25].clone(), rows[:9].double().float()):
-        logits, _ = torch_prefill(prefill.module(), prompt)
-    assert counter.frame_count == 1
-    np.testing.assert_allclose(torch_prefill(prefill.module(), rows[:17])[0], expected, rtol=1e-4, atol=1e-4)
-
-
 def test_a_batched_cache_is_refused(backbone_dir):
     model = AutoModelForCausalLM.from_pretrained(backbone_dir).eval()
     _, cache = torch_prefill(model, torch.randn(4, model.config.hidden_size))

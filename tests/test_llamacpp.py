@@ -38,7 +38,7 @@ def test_missing_llama_cpp_is_a_clear_error(monkeypatch, tiny_gmsa, tmp_path, ca
         (["--engine-threads", "2"], "--engine-threads is for --engine llamacpp"),
         (["--engine-prefill", "torch"], "--engine-prefill is for --engine llamacpp"),
         (["--engine-no-repack"], "--engine-no-repack is for --engine llamacpp"),
-        (["--engine-compile"], "--engine-compile is for --engine llamacpp"),
+        (["--engine", "hf", "--engine-compile"], "--engine-compile is for --engine llamacpp or --engine auto"),
         (["--engine", "llamacpp", "--engine-url", "http://h:1"], "--engine-url is for --engine vllm"),
         (["--engine", "llamacpp", "--engine-threads", "0"], "--engine-threads must be >= 1"),
     ],
@@ -129,10 +129,11 @@ def test_the_engine_answers_as_gmsa_decoding(llama_cpp, backbone_dir, make_gmsa,
         llamacpp_engine(gmsa, "f32", prefill="vllm")
     with pytest.raises(ValueError, match="needs prefill='torch'"):
         llamacpp_engine(gmsa, "f32", prefill="llamacpp", compile_prefill=True)
-    for flags, repacked, compiled in (([], True, False), (["--engine-no-repack", "--engine-compile"], False, True)):
+    settings = (([], True, True), (["--engine-no-repack", "--engine-compile", "off"], False, False))
+    for flags, repacked, compiled in settings:
         args = build_parser().parse_args(["answer", "-q", "?", "--engine", "llamacpp", *flags])
         made = engine_from_args(args, gmsa)
-        assert made.extra_buffers is repacked and made.prefill.compile is compiled
+        assert made.extra_buffers is repacked and (made.prefill.compiled is not None) is compiled
     expected = gmsa.generate(compressed, QUESTIONS, max_new_tokens=6), gmsa.reconstruct(compressed, max_new_tokens=9)
     streamed = StreamRecorder()
     gmsa.engine = engine

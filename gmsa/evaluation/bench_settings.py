@@ -47,9 +47,10 @@ class BenchSettings:
         choices=GGUF_TYPES,
     )
     compile_prefill: bool = option(
-        False,
-        "torch.compile the PyTorch prefill of the torch+llamacpp arms (gmsa.kv_handoff.TorchPrefill; the compile "
-        "happens in the untimed warm-up)",
+        True,
+        "run the PyTorch prefill of the torch+llamacpp arms eagerly, not compiled ahead of time as the llama.cpp "
+        "engine does by default (gmsa.aot_prefill; built or loaded in the untimed warm-up)",
+        flag="--no-compile-prefill",
     )
     check_fp32: bool = option(True, "skip comparing greedy answers with an fp32 GMSA", flag="--no-fp32-check")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
