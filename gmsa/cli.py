@@ -160,9 +160,8 @@ def _with_engine(args: argparse.Namespace, gmsa):
 
 
 def cmd_answer(args: argparse.Namespace) -> int:
-    gmsa = _load(args)
+    gmsa = _with_engine(args, _load(args))  # first: an engine on the compiled path compiles the encoder too
     compressed = _compressed_input(args, gmsa)
-    _with_engine(args, gmsa)
     streamer = _streamer(gmsa.tokenizer) if _streaming(args, gmsa) else None
     answers = gmsa.generate(
         compressed,
@@ -178,9 +177,8 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    gmsa = _load(args)
+    gmsa = _with_engine(args, _load(args))  # first: an engine on the compiled path compiles the encoder too
     compressed = _compressed_input(args, gmsa)
-    _with_engine(args, gmsa)
     options = {"max_new_tokens": args.max_new_tokens, "repeat_ngram": args.repeat_ngram}
     if not _streaming(args, gmsa):
         texts = gmsa.reconstruct(compressed, **options)

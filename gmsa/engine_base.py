@@ -29,6 +29,8 @@ class GMSALike(Protocol):
     @property
     def inference_dtype(self) -> torch.dtype: ...
 
+    def compile(self) -> GMSALike: ...
+
 
 class EngineUnavailableError(RuntimeError):
     """The requested engine cannot run here (e.g. vLLM is not installed)."""
@@ -39,6 +41,7 @@ class Engine(ABC):
 
     name = "engine"
     streams = False  # whether :meth:`generate` takes a ``streamer`` (``transformers.TextStreamer``'s put/end)
+    compiled = False  # whether it runs gmsa's CPU path compiled ahead of time (then so should the encoder)
 
     @abstractmethod
     def generate(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .aot_prefill import CompiledPrefill
+from .aot import CompiledPrefill
 
 # ggml's type ids (ggml.h) of the cache types the handoff writes, and the torch dtype each is written from
 STATE_MAGIC = 0xAF143CD8  # llama-context.cpp's io_magic: the first four bytes of a sequence's state
@@ -117,10 +117,10 @@ class TorchPrefill:
     matches the GGUF, e.g. ``GMSA.fast_decoder.of(GMSA.model.decoder)``) reads the prompt embeddings, and its
     cache goes into the llama.cpp context.
 
-    ``compile=True`` runs the prefill compiled ahead of time (:class:`gmsa.aot_prefill.CompiledPrefill`: built
+    ``compile=True`` runs the prefill compiled ahead of time (:class:`gmsa.aot.CompiledPrefill`: built
     once per decoder shape and machine, about a minute, then loaded from gmsa's cache), which fuses the
-    decoder's elementwise work: prefills about 18 % faster on this CPU. Prompts it does not take (fewer than
-    :data:`gmsa.aot_prefill.MIN_POSITIONS` positions) and decoders it cannot compile run eagerly. The decoder
+    decoder's elementwise work: prefills 14-20 % faster on this CPU. Prompts it does not take (at most
+    :data:`gmsa.fast_decode.STEP_ROWS` positions) and decoders it cannot compile run eagerly. The decoder
     itself is not changed. ``directory``: where compiled prefills are kept (default: gmsa's cache)."""
 
     def __init__(self, decoder, compile: bool = False, directory=None):  # noqa: A002  (torch.compile's own name for it)
@@ -131,7 +131,7 @@ class TorchPrefill:
     def layers(self, prompt: torch.Tensor) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The last position's logits and the per-layer keys and values of ``prompt`` (compiled where it can)."""
         decoder = self.decoder()
-        if self.compiled is not None and self.compiled.takes(decoder, prompt.shape[0]):
+        if self.compiled is not None and self.compiled.takes(decoder, tuple(prompt.shape)):
             logits, layers = self.compiled(decoder, prompt)
             return logits.cpu().numpy(), layers
         logits, cache = torch_prefill(decoder, prompt)

@@ -290,6 +290,7 @@ class LlamaCppEngine(Engine):
         import_llama_cpp()  # fail early, with the install hint
         self.gguf, self.tokenizer, self.n_threads, self.kv_type = gguf, tokenizer, n_threads, kv_type
         self.prefill = prefill
+        self.compiled = prefill is not None and prefill.compiled is not None
         self.extra_buffers = prefill is not None if extra_buffers is None else extra_buffers
         self.decoders: dict[Path, LlamaCppDecoder] = {}
 
@@ -334,7 +335,7 @@ def llamacpp_engine(
     ``prefill="torch"`` (default): gmsa's own decoder (``GMSA.fast_decoder``, the adapters active at each
     call) reads the prompt and its KV cache is handed to llama.cpp (:mod:`gmsa.kv_handoff`), which decodes
     the steps, on repacked (AMX) weights unless ``extra_buffers=False``; that prefill is compiled ahead of time
-    (:class:`gmsa.aot_prefill.CompiledPrefill`, built once per decoder shape and machine) unless
+    (:class:`gmsa.aot.CompiledPrefill`, built once per decoder shape and machine) unless
     ``compile_prefill=False`` (``None``: wherever the prefill is gmsa's); ``"llamacpp"``: llama.cpp reads the
     prompt too (slower here: its AMX kernels must stay off, see :class:`LlamaCppDecoder`)."""
     if prefill not in PREFILLS:

@@ -226,8 +226,9 @@ def test_auto_picks_llama_cpp_where_it_is_installed(tiny_gmsa, monkeypatch, capl
         assert engine_from_args(_auto_args(), tiny_gmsa) == "engine"
     threads = torch.get_num_threads()
     assert made == [(tiny_gmsa, {"n_threads": threads, "compile_prefill": True})] and "engine: llamacpp" in caplog.text
-    engine_from_args(_auto_args("--engine-compile", "off"), tiny_gmsa)  # the compiled prefill is the default, not forced
+    engine_from_args(_auto_args("--engine-compile", "off"), tiny_gmsa)  # the compiled prefill: default, not forced
     assert made[-1] == (tiny_gmsa, {"n_threads": threads, "compile_prefill": False})
+    assert tiny_gmsa.compiled_encoder is None  # these engines run nothing compiled
 
     def unusable(g, **kw):
         raise EngineUnavailableError("its library does not load")
@@ -236,6 +237,16 @@ def test_auto_picks_llama_cpp_where_it_is_installed(tiny_gmsa, monkeypatch, capl
     with caplog.at_level("WARNING", logger="gmsa.engines"):
         assert engine_from_args(_auto_args(), tiny_gmsa) is None
     assert "unusable: its library does not load" in caplog.text
+
+
+def test_an_engine_on_the_compiled_path_compiles_the_encoder_too(tiny_gmsa, monkeypatch):
+    import gmsa.llamacpp
+
+    compiled_engine = type("CompiledEngine", (), {"compiled": True})()
+    monkeypatch.setattr("gmsa.engines.importlib.util.find_spec", lambda name: object())
+    monkeypatch.setattr(gmsa.llamacpp, "llamacpp_engine", lambda g, **kw: compiled_engine)
+    assert engine_from_args(_auto_args(), tiny_gmsa) is compiled_engine
+    assert tiny_gmsa.compiled_encoder is not None
 
 
 class RecordingEngine(HFEngine):

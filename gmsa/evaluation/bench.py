@@ -195,9 +195,12 @@ def load_subjects(settings: BenchSettings, log: Callable) -> tuple[Subjects, str
     from ..precision import resolve_dtype
 
     gmsa, described = load_model(settings)
+    if settings.compile:  # the encoder compiled ahead of time, as on the llama.cpp engine's default path
+        gmsa.compile()
     choice = gmsa.dtype_choice
     log(f"GMSA inference dtype {str(gmsa.inference_dtype).removeprefix('torch.')}: {choice.reason if choice else ''}")
     notes = {"gmsa_dtype_reason": choice.reason if choice else "", "bf16_matmul_speedup": None}
+    notes["compiled_encoder"] = settings.compile
     gmsa.fast_decoder.int8 = settings.int8_steps
     fast = gmsa.fast_decoder.of(gmsa.model.decoder)
     notes["int8_step_layers"] = sum(isinstance(m, StepLinear) for m in fast.modules())
@@ -237,7 +240,7 @@ def add_llamacpp(subjects: Subjects, settings: BenchSettings, workdir: Path, log
         "kv_cache": "f16",
         "gguf": subjects.llamacpp["gmsa"].path.name,
         "extra_buffers": "on for the torch-prefill arms' steps (repacked/AMX weights), off where llama.cpp prefills",
-        "compile_prefill": settings.compile_prefill,
+        "compile_prefill": settings.compile,
     }
     log(f"llama.cpp arms: llama-cpp-python {llama_cpp.__version__}, {settings.llamacpp} weights, {threads} threads")
 

@@ -108,7 +108,7 @@ def measure_llamacpp(
 
 def held_prefill(subjects, name: str, decoder: Callable[[], torch.nn.Module]) -> TorchPrefill:
     """The torch prefill ``name`` of ``subjects``, made on first use and kept for every later run, as an engine
-    holds one (its state buffer is reused); compiled ahead of time unless ``--no-compile-prefill``."""
+    holds one (its state buffer is reused); compiled ahead of time unless ``--no-compile``."""
     if name not in subjects.llamacpp:
         compiled = subjects.notes["llamacpp"].get("compile_prefill", True)
         subjects.llamacpp[name] = TorchPrefill(decoder, compiled)

@@ -46,11 +46,11 @@ class BenchSettings:
         "type (needs llama-cpp-python)",
         choices=GGUF_TYPES,
     )
-    compile_prefill: bool = option(
+    compile: bool = option(
         True,
-        "run the PyTorch prefill of the torch+llamacpp arms eagerly, not compiled ahead of time as the llama.cpp "
-        "engine does by default (gmsa.aot_prefill; built or loaded in the untimed warm-up)",
-        flag="--no-compile-prefill",
+        "run GMSA's encoder and the torch prefill of the torch+llamacpp arms eagerly, not compiled ahead of time as "
+        "the llama.cpp engine runs them by default (gmsa.aot; built or loaded before the untimed warm-up)",
+        flag="--no-compile",
     )
     check_fp32: bool = option(True, "skip comparing greedy answers with an fp32 GMSA", flag="--no-fp32-check")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
