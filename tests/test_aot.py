@@ -179,6 +179,7 @@ def test_the_stack_program_gives_the_eager_states_for_any_batch(make_gmsa, backb
 def test_a_gmsa_in_training_or_not_compiled_runs_its_own_encoder(tiny_gmsa, tmp_path):
     assert tiny_gmsa.inference_encoder() is tiny_gmsa.model.inference_encoder()  # not compiled by default
     tiny_gmsa.compile(tmp_path)
-    assert isinstance(tiny_gmsa.inference_encoder(), aot.StackRunner)
+    runner = tiny_gmsa.inference_encoder()
+    assert isinstance(runner, aot.StackRunner) and tiny_gmsa.inference_encoder() is runner  # one, kept
     tiny_gmsa.model.train()
     assert tiny_gmsa.inference_encoder() is tiny_gmsa.model.encoder
