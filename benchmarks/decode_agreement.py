@@ -16,8 +16,8 @@ once per decoding path:
 * ``torch+llama.cpp TYPE`` (``--hybrid TYPE ...``): the default path (bf16 merged + int8 steps) reads the
   prompt, its KV cache goes to llama.cpp (``gmsa.kv_handoff``), which decodes on the bf16 model's decoder
   exported as a GGUF of weight type TYPE (``--engine llamacpp``'s default prefill; its steps on repacked weights);
-* ``torch (compiled)+llama.cpp TYPE`` (``--hybrid-compiled TYPE ...``): the same with the prefill compiled
-  (``--engine-compile``).
+* ``torch (compiled)+llama.cpp TYPE`` (``--hybrid-compiled TYPE ...``): the same with the encoder and the prefill
+  compiled ahead of time (the command line's default path, :mod:`gmsa.aot`).
 
 ``--paths`` runs a subset (the reference ``fp32`` always runs).
 
@@ -135,7 +135,11 @@ def main() -> None:
         "--hybrid", nargs="*", choices=list(WEIGHT_TYPES), default=[], help="GGUF types to run after a torch prefill"
     )
     parser.add_argument(
-        "--hybrid-compiled", nargs="*", choices=list(WEIGHT_TYPES), default=[], help="the same, the prefill compiled"
+        "--hybrid-compiled",
+        nargs="*",
+        choices=list(WEIGHT_TYPES),
+        default=[],
+        help="the same, the encoder and the prefill compiled",
     )
     parser.add_argument("--out", default="reports/bench/decode-agreement-cpu.json")
     args = parser.parse_args()
@@ -160,12 +164,14 @@ def main() -> None:
                 gmsa.fast_decoder = FastDecoder(int8="on", merge=True)
             compiled = "(compiled)" in name
             gmsa.engine = llamacpp_engine(gmsa, setting[1], args.threads, prefill=prefill, compile_prefill=compiled)
+            if compiled:  # the compiled path end to end, as the command line runs it: the encoder too
+                gmsa.compile()
         else:
             gmsa.fast_decoder = FastDecoder(int8=setting[2], merge=setting[1], int4=setting[3])
         found[name] = answers(gmsa, rows, args.new_tokens, args.batch_size)
         if passages:
             restated[name] = gmsa.reconstruct(gmsa.compress(passages, rate=4, batch_size=args.batch_size))
-        gmsa.engine = None
+        gmsa.engine, gmsa.compiled_encoder = None, None
         print(f"{name}: {found[name][:3]}", flush=True)
     reference = found["fp32"]
     summary = []
