@@ -44,8 +44,8 @@ def add_engine_args(parser: argparse.ArgumentParser, default: str = "auto") -> N
         const="on",
         choices=COMPILE_SETTINGS,
         default=None,
-        help="gmsa's prefill compiled ahead of time (llamacpp with the torch prefill; default on: built once per "
-        "decoder shape and machine, about a minute, then loaded from the cache; ~18 %% faster prefills)",
+        help="gmsa's encoder and prefill compiled ahead of time (llamacpp with the torch prefill; default on: built "
+        "once per model shape and machine, about a minute, then loaded from the cache; each 14-25 %% faster)",
     )
     parser.add_argument(
         "--engine-no-repack",
