@@ -35,7 +35,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .model import inference_copy, lora_tensors, same_tensors
+from .model import TensorsState, inference_copy, lora_tensors
 
 STEP_ROWS = 8  # inputs with at most this many rows (batch x new tokens) take the step path
 INT8_MIN_SPEEDUP = 1.2  # below this, the int8 rounding of the decoding steps is not worth it
@@ -305,7 +305,7 @@ class FastDecoder:
         self.int8, self.int4, self.merge, self.keep = int8, int4, merge, keep
         self.int8_choice: StepChoice | None = None
         self.int4_choice: StepChoice | None = None
-        self._built: dict[tuple, tuple[list[torch.Tensor], nn.Module]] = {}
+        self._built: dict[tuple, tuple[TensorsState, nn.Module]] = {}
 
     @property
     def step_kind(self) -> str | None:
@@ -330,7 +330,7 @@ class FastDecoder:
         lora = lora_tensors(decoder)
         key = (id(decoder), weight.dtype, weight.device, adapters, self.merge, kind)
         built = self._built.get(key)
-        if built is None or not same_tensors(lora, built[0]):
+        if built is None or not built[0].holds(lora):
             self._built.pop(key, None)
             while len(self._built) >= self.keep:
                 self._built.pop(next(iter(self._built)))
@@ -343,5 +343,5 @@ class FastDecoder:
                 self.int8_choice.reason,
                 self.int4_choice.reason,
             )
-            self._built[key] = ([p.clone() for p in lora], fast)
+            self._built[key] = (TensorsState(lora), fast)
         return self._built[key][1]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gmsa.model import base_model, set_stage, trained_state_dict
+from gmsa.model import TensorsState, base_model, set_stage, trained_state_dict
 from gmsa.training.data import Example, collate
 
 
@@ -146,3 +146,23 @@ def test_the_merged_copy_follows_a_cast(tiny_gmsa):
     model.to(torch.bfloat16)
     second = model.inference_encoder()
     assert second is not first and next(second.parameters()).dtype == torch.bfloat16
+
+
+def test_a_tensors_state_notices_every_change_of_its_tensors():
+    layer = torch.nn.Linear(4, 3)
+    tensors = lambda: [p.detach() for p in layer.parameters()]  # noqa: E731  (as lora_tensors gives them)
+    state = TensorsState(tensors())
+    assert state.holds(tensors())
+    with torch.no_grad():
+        layer.weight.add_(0.0)  # an in-place write, even of the same values, counts
+    assert not state.holds(tensors())
+    state = TensorsState(tensors())
+    layer.load_state_dict(torch.nn.Linear(4, 3).state_dict())
+    assert not state.holds(tensors())
+    state = TensorsState(tensors())
+    layer.to(torch.float64)
+    assert not state.holds(tensors())
+    with torch.inference_mode():  # inference tensors keep no version: their values are compared
+        frozen = [torch.ones(3)]
+        state = TensorsState(frozen)
+        assert state.holds([torch.ones(3)]) and not state.holds([torch.zeros(3)])
