@@ -195,7 +195,8 @@ def storage_of(program: nn.Module) -> tuple[int, ...]:
 class AheadOfTime:
     """The compiled program of whichever module it is called with: built on first use for its shape (or loaded from
     the cache), rebound when the module or its tensors change. If it cannot be built or loaded, it says why once (a
-    warning) and :meth:`takes` turns that module down; the caller then runs it eagerly.
+    warning) and :meth:`takes` turns that module down; calling the program then gives ``None`` and the caller runs
+    the module eagerly.
     Subclasses name the program (``program``), an example input and its dynamic dims, and the shapes they take."""
 
     program: type[nn.Module]
@@ -211,11 +212,13 @@ class AheadOfTime:
         """A traced input for ``module`` and its dynamic dims."""
         raise NotImplementedError
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether the program's dynamic dims take an input of ``shape``."""
+        return self.min_length <= shape[-2] <= MAX_POSITIONS
+
     def takes(self, module: nn.Module, shape: tuple[int, ...]) -> bool:
         """Whether the compiled program runs ``module`` on an input of ``shape`` (building it if need be)."""
-        if not self.min_length <= shape[-2] <= MAX_POSITIONS:
-            return False
-        return self.runner(module) is not None
+        return self.fits(shape) and self.runner(module) is not None
 
     def runner(self, module: nn.Module):
         """The loaded program bound to ``module``, or ``None`` where it is unavailable."""
@@ -256,10 +259,9 @@ class AheadOfTime:
         return load_program(path)
 
     def run(self, module: nn.Module, embeds: torch.Tensor):
-        runner = self.runner(module)
-        if runner is None:
-            raise ValueError(f"no compiled {self.program.__name__} for this module (check takes() first)")
-        return runner(embeds.to(module.dtype))
+        """The program's outputs for ``embeds``, or ``None`` where it does not take them (the caller runs eagerly)."""
+        runner = self.runner(module) if self.fits(tuple(embeds.shape)) else None
+        return None if runner is None else runner(embeds.to(module.dtype))
 
 
 class CompiledPrefill(AheadOfTime):
@@ -274,10 +276,14 @@ class CompiledPrefill(AheadOfTime):
         return embeds, {1: torch.export.Dim("positions", min=self.min_length, max=MAX_POSITIONS)}
 
     @torch.inference_mode()
-    def __call__(self, decoder: nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def __call__(self, decoder: nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, list] | None:
         """``(n, H)`` embeddings -> the last position's fp32 logits and per-layer ``(keys, values)``
-        ``(kv_heads, n, head_dim)``, as :func:`gmsa.kv_handoff.torch_prefill` and ``cache_layers`` give them."""
-        logits, keys, values = self.run(decoder, embeds[None])
+        ``(kv_heads, n, head_dim)``, as :func:`gmsa.kv_handoff.torch_prefill` and ``cache_layers`` give them;
+        ``None`` where the program does not take the prompt."""
+        outputs = self.run(decoder, embeds[None])
+        if outputs is None:
+            return None
+        logits, keys, values = outputs
         return logits, list(zip(keys.unbind(0), values.unbind(0), strict=True))
 
 
@@ -291,11 +297,12 @@ class CompiledStack(AheadOfTime):
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         return embeds, {0: batch, 1: torch.export.Dim("length", min=self.min_length, max=MAX_POSITIONS)}
 
-    def takes(self, module: nn.Module, shape: tuple[int, ...]) -> bool:
-        return shape[0] <= MAX_BATCH and super().takes(module, shape)
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return shape[0] <= MAX_BATCH and super().fits(shape)
 
     @torch.inference_mode()
-    def __call__(self, stack: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    def __call__(self, stack: nn.Module, embeds: torch.Tensor) -> torch.Tensor | None:
+        """The stack's final states over ``embeds``; ``None`` where the program does not take them."""
         return self.run(stack, embeds)
 
 
@@ -308,6 +315,5 @@ class StackRunner(nn.Module):
         self.stack, self.compiled = stack, compiled
 
     def forward(self, inputs_embeds: torch.Tensor) -> BaseModelOutput:
-        if self.compiled.takes(self.stack, tuple(inputs_embeds.shape)):
-            return BaseModelOutput(last_hidden_state=self.compiled(self.stack, inputs_embeds))
-        return self.stack(inputs_embeds=inputs_embeds)
+        states = self.compiled(self.stack, inputs_embeds)
+        return self.stack(inputs_embeds=inputs_embeds) if states is None else BaseModelOutput(last_hidden_state=states)

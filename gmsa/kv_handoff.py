@@ -131,8 +131,9 @@ class TorchPrefill:
     def layers(self, prompt: torch.Tensor) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The last position's logits and the per-layer keys and values of ``prompt`` (compiled where it can)."""
         decoder = self.decoder()
-        if self.compiled is not None and self.compiled.takes(decoder, tuple(prompt.shape)):
-            logits, layers = self.compiled(decoder, prompt)
+        compiled = self.compiled(decoder, prompt) if self.compiled is not None else None
+        if compiled is not None:
+            logits, layers = compiled
             return logits.cpu().numpy(), layers
         logits, cache = torch_prefill(decoder, prompt)
         return logits, cache_layers(cache)

@@ -102,8 +102,10 @@ def test_short_prompts_and_sliding_window_decoders_stay_eager(backbone_dir, tmp_
     compiled = CompiledPrefill(tmp_path)
     decoder = load(backbone_dir)
     assert not compiled.takes(decoder, (MIN_POSITIONS - 1, 64))
+    assert compiled(decoder, torch.randn(MIN_POSITIONS - 1, 64)) is None  # the caller then runs it eagerly
     decoder.config.sliding_window = 16
     assert not compiled.takes(decoder, (40, 64))
+    assert compiled(decoder, torch.randn(40, 64)) is None
 
 
 def test_a_program_that_cannot_be_built_leaves_the_eager_prefill_with_one_warning(
